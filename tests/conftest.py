@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True)
+def _fp32_cpu_defaults():
+    """Every test starts from fp32 defaults; tests that need determinism seed themselves."""
+    torch.set_default_dtype(torch.float32)
+    yield

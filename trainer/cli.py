@@ -1,0 +1,83 @@
+"""Command line: ``python -m trainer <command>``.
+
+Every command reports a user error as one line on stderr and exits non-zero; a traceback
+is shown only for bugs (or with ``SHINKANSEN_DEBUG=1``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be H,W (e.g. 64,64), got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise argparse.ArgumentTypeError(f"--size {text}: height and width must be positive multiples of 8")
+    return h, w
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint (.safetensors/.ckpt); default: the embedded tiny model")
+    p.add_argument("--vae", help="a separate VAE file replacing the checkpoint's VAE")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction"],
+                   help="override the prediction type (default: from NAME.yaml beside the checkpoint, else ε)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: per model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Shinkansen LoRA trainer")
+    sub = parser.add_subparsers(dest="command")
+
+    g = sub.add_parser("generate", help="draw images with a model (the sampler the Samples tab uses)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=5.0)
+    g.add_argument("--size", type=_size, default=None, help="H,W in pixels (default: the model's native size)")
+    g.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
+    g.add_argument("--clip-skip", type=int, default=None)
+    g.add_argument("-n", "--num-images", type=int, default=1, help="images with seeds seed, seed+1, … in a grid")
+    g.add_argument("-o", "--output", required=True, help="PNG file to write")
+    _add_model_args(g)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_to_file
+    path = generate_to_file(
+        prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        size=args.size, sampler=args.sampler, clip_skip=args.clip_skip, num_images=args.num_images,
+        output=Path(args.output), model=args.model, vae=args.vae, prediction=args.prediction,
+        tokenizer=args.tokenizer, device=args.device, log=lambda m: print(m, file=sys.stderr))
+    print(f"saved: {path}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if os.environ.get("SHINKANSEN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
