@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .checkpoint_io import CheckpointError
+from .text_encoders import (ROLES, clip_l_config, load_text_config, openclip_bigg_config, openclip_config,
+                            openclip_h_config)
 from .unet import UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -49,12 +51,18 @@ class VAEConfig:
 
 @dataclass
 class TextEncoderSpec:
-    """One text encoder: its checkpoint prefix, key layout, transformers config and padding rule."""
-    role: str                 # "clip_l" (SD1, SDXL TE1), "openclip_h" (SD2), "openclip_g" (SDXL TE2)
-    prefix: str
-    layout: str               # "hf" (transformers names) or "openclip"
-    config: dict
-    pad_id: int               # 49407 for CLIP-L, 0 for OpenCLIP
+    """One text encoder: its role (prefix, key layout and conditioning rule) and transformers config."""
+    role: str                 # a key of text_encoders.ROLES: "sd1", "sd2", "sdxl_te1", "sdxl_te2"
+    config: Any               # transformers CLIPTextConfig
+
+    @property
+    def pad_id(self) -> int:
+        """OpenCLIP pads with 0; CLIP-L pads with its end token."""
+        return 0 if ROLES[self.role].openclip else int(self.config.pad_token_id)
+
+    @property
+    def prefix(self) -> str:
+        return ROLES[self.role].prefix
 
 
 @dataclass
@@ -67,48 +75,32 @@ class ModelConfig:
     scale_factor: float = 0.18215
     clip_skip_default: int = 1
     tokenizer: Optional[str] = None               # folder or hub id; None = family default
+    native_size: tuple = (512, 512)               # (height, width) in pixels the model was trained at
 
     @property
     def title(self) -> str:
         return FAMILY_TITLES[self.family] + (" v-prediction" if self.prediction_type == "v_prediction" else "")
 
 
-def clip_l_config(**over) -> dict:
-    cfg = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-               layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    cfg.update(over)
-    return cfg
-
-
-def openclip_config(width: int, layers: int, heads: int, proj: int, **over) -> dict:
-    cfg = dict(vocab_size=49408, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers,
-               num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-               projection_dim=proj, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
-    cfg.update(over)
-    return cfg
-
-
 def builtin_config(name: str) -> ModelConfig:
     """Configs of the released base models, so no hub access is ever needed."""
     if name in ("sd15", "sd1"):
         return ModelConfig("sd1", UNetConfig(), VAEConfig(),
-                           [TextEncoderSpec("clip_l", SD1_TE_PREFIX, "hf", clip_l_config(), 49407)])
+                           [TextEncoderSpec("sd1", clip_l_config())])
     if name in ("sd21", "sd2", "sd21v", "sd2v"):
         return ModelConfig("sd2", UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
                            VAEConfig(),
-                           [TextEncoderSpec("openclip_h", SD2_TE_PREFIX, "openclip",
-                                            openclip_config(1024, 24, 16, 1024), 0)],
-                           prediction_type="v_prediction" if name.endswith("v") else "epsilon")
+                           [TextEncoderSpec("sd2", openclip_h_config())],
+                           prediction_type="v_prediction" if name.endswith("v") else "epsilon",
+                           native_size=(768, 768) if name.endswith("v") else (512, 512))
     if name in ("sdxl", "sdxl_base"):
         return ModelConfig("sdxl", UNetConfig(attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_head_channels=64,
                                               transformer_depth=(1, 2, 10), context_dim=2048,
                                               use_linear_in_transformer=True, adm_in_channels=2816),
                            VAEConfig(),
-                           [TextEncoderSpec("clip_l", SDXL_TE1_PREFIX, "hf", clip_l_config(), 49407),
-                            TextEncoderSpec("openclip_g", SDXL_TE2_PREFIX, "openclip",
-                                            openclip_config(1280, 32, 20, 1280), 0)],
-                           scale_factor=SCALE_FACTORS["sdxl"])
+                           [TextEncoderSpec("sdxl_te1", clip_l_config()),
+                            TextEncoderSpec("sdxl_te2", openclip_bigg_config())],
+                           scale_factor=SCALE_FACTORS["sdxl"], native_size=(1024, 1024))
     raise KeyError(f"unknown built-in config {name!r} (sd15, sd21, sd21v, sdxl)")
 
 
@@ -216,23 +208,27 @@ def _te_layers(s: Mapping[str, tuple], pattern: str) -> int:
     return 1 + max(int(m.group(1)) for k in s if (m := re.match(pattern, k)))
 
 
-def text_encoder_config_from_shapes(shapes: Mapping[str, Any], role: str, prefix: str) -> dict:
-    """transformers config values from an encoder's tensor shapes (heads: CLIP's 64-wide convention)."""
+def text_encoder_config_from_shapes(shapes: Mapping[str, Any], role: str):
+    """A transformers config from an encoder's tensor shapes (heads: CLIP's 64-wide convention)."""
+    prefix = ROLES[role].prefix
     s = {k[len(prefix):]: _shape(v) for k, v in shapes.items() if k.startswith(prefix)}
-    if role == "clip_l":
+    if not ROLES[role].openclip:
         root = "text_model." if any(k.startswith("text_model.") for k in s) else ""
         vocab, width = s[root + "embeddings.token_embedding.weight"]
-        layers = _te_layers(s, rf"{re.escape(root)}encoder\.layers\.(\d+)\.")
-        return clip_l_config(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                             num_attention_heads=max(1, width // 64),
-                             intermediate_size=s[root + "encoder.layers.0.mlp.fc1.weight"][0],
-                             max_position_embeddings=s[root + "embeddings.position_embedding.weight"][0],
-                             projection_dim=width)
+        cfg = clip_l_config()
+        cfg.vocab_size, cfg.hidden_size, cfg.projection_dim = vocab, width, width
+        cfg.num_hidden_layers = _te_layers(s, rf"{re.escape(root)}encoder\.layers\.(\d+)\.")
+        cfg.num_attention_heads = max(1, width // 64)
+        cfg.intermediate_size = s[root + "encoder.layers.0.mlp.fc1.weight"][0]
+        cfg.max_position_embeddings = s[root + "embeddings.position_embedding.weight"][0]
+        return cfg
     vocab, width = s["token_embedding.weight"]
     proj = s["text_projection"][1] if "text_projection" in s else width
-    return openclip_config(width, _te_layers(s, r"transformer\.resblocks\.(\d+)\."), max(1, width // 64), proj,
-                           vocab_size=vocab, intermediate_size=s["transformer.resblocks.0.mlp.c_fc.weight"][0],
-                           max_position_embeddings=s["positional_embedding"][0])
+    cfg = openclip_config(width, _te_layers(s, r"transformer\.resblocks\.(\d+)\."), max(1, width // 64),
+                          s["transformer.resblocks.0.mlp.c_fc.weight"][0], proj)
+    cfg.vocab_size = vocab
+    cfg.max_position_embeddings = s["positional_embedding"][0]
+    return cfg
 
 
 def config_from_shapes(shapes: Mapping[str, Any], source: str = "checkpoint") -> ModelConfig:
@@ -240,20 +236,12 @@ def config_from_shapes(shapes: Mapping[str, Any], source: str = "checkpoint") ->
     try:
         unet = unet_config_from_shapes(shapes, family)
         vae = (vae_config_from_shapes(shapes) if any(k.startswith(VAE_PREFIX) for k in shapes) else VAEConfig())
-        if family == "sd1":
-            tes = [TextEncoderSpec("clip_l", SD1_TE_PREFIX, "hf",
-                                   text_encoder_config_from_shapes(shapes, "clip_l", SD1_TE_PREFIX), 49407)]
-        elif family == "sd2":
-            tes = [TextEncoderSpec("openclip_h", SD2_TE_PREFIX, "openclip",
-                                   text_encoder_config_from_shapes(shapes, "openclip_h", SD2_TE_PREFIX), 0)]
-        else:
-            tes = [TextEncoderSpec("clip_l", SDXL_TE1_PREFIX, "hf",
-                                   text_encoder_config_from_shapes(shapes, "clip_l", SDXL_TE1_PREFIX), 49407),
-                   TextEncoderSpec("openclip_g", SDXL_TE2_PREFIX, "openclip",
-                                   text_encoder_config_from_shapes(shapes, "openclip_g", SDXL_TE2_PREFIX), 0)]
+        roles = {"sd1": ["sd1"], "sd2": ["sd2"], "sdxl": ["sdxl_te1", "sdxl_te2"]}[family]
+        tes = [TextEncoderSpec(r, text_encoder_config_from_shapes(shapes, r)) for r in roles]
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{source}: incomplete {FAMILY_TITLES[family]} checkpoint (missing {e})") from None
-    return ModelConfig(family, unet, vae, tes, scale_factor=SCALE_FACTORS[family])
+    native = {"sd1": (512, 512), "sd2": (768, 768), "sdxl": (1024, 1024)}[family]
+    return ModelConfig(family, unet, vae, tes, scale_factor=SCALE_FACTORS[family], native_size=native)
 
 
 # ---------------------------------------------------------------- NAME.yaml beside a checkpoint
@@ -276,6 +264,9 @@ def apply_yaml(config: ModelConfig, yaml_path: Path) -> ModelConfig:
     elif params.get("parameterization") == "eps":
         pred = "epsilon"
     scale = float(params.get("scale_factor", config.scale_factor))
+    native = config.native_size
+    if isinstance(params.get("image_size"), int):   # ldm's image_size is the latent size
+        native = (params["image_size"] * 8, params["image_size"] * 8)
     tokenizer = config.tokenizer
     tes = list(config.text_encoders)
     cond = (params.get("cond_stage_config") or {}).get("params") or {}
@@ -283,12 +274,7 @@ def apply_yaml(config: ModelConfig, yaml_path: Path) -> ModelConfig:
     if isinstance(version, str):
         folder = Path(version) if Path(version).is_absolute() else yaml_path.parent / version
         tokenizer = str(folder) if folder.is_dir() else version   # a folder, else a hub id
-        cfg_file = folder / "config.json"
-        if cfg_file.is_file() and tes and tes[0].layout == "hf":
-            import json
-            hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-            merged = dict(tes[0].config)
-            merged.update({k: hf[k] for k in ("num_attention_heads", "hidden_act", "layer_norm_eps",
-                                               "bos_token_id", "eos_token_id", "pad_token_id") if k in hf})
-            tes[0] = replace(tes[0], config=merged)
-    return replace(config, unet=unet, prediction_type=pred, scale_factor=scale, text_encoders=tes, tokenizer=tokenizer)
+        if (folder / "config.json").is_file() and tes and not ROLES[tes[0].role].openclip:
+            tes[0] = replace(tes[0], config=load_text_config(folder))  # what shapes cannot tell (heads, act)
+    return replace(config, unet=unet, prediction_type=pred, scale_factor=scale, text_encoders=tes, tokenizer=tokenizer,
+                   native_size=native)

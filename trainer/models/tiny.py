@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .configs import ModelConfig, TextEncoderSpec, VAEConfig, SD1_TE_PREFIX, clip_l_config
+from .configs import ModelConfig, TextEncoderSpec, VAEConfig
+from .text_encoders import clip_l_config
 from .unet import UNetConfig
 
 BOS = "<|startoftext|>"
@@ -40,14 +41,12 @@ def byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def write_tokenizer(folder: os.PathLike, words: Iterable[str]) -> dict[str, int]:
-    """Write a CLIP-format tokenizer folder in which every word of ``words`` is one token.
+def tokenizer_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP byte-level BPE vocabulary and merge list in which every word of ``words`` is one token.
 
-    Layout as CLIP's own vocabulary: 256 byte symbols, the same with ``</w>``, then the
-    merge results in merge order, then the two special tokens (so BOS/EOS are the last ids).
+    Layout as CLIP's own: 256 byte symbols, the same with ``</w>``, then the merge results in
+    merge order, then the two special tokens (so BOS/EOS are the last two ids).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     enc = dict(zip(range(256), byte_symbols()))
     vocab: list[str] = [enc[b] for b in range(256)] + [enc[b] + "</w>" for b in range(256)]
     known = set(vocab)
@@ -66,17 +65,15 @@ def write_tokenizer(folder: os.PathLike, words: Iterable[str]) -> dict[str, int]
                 known.add(merged)
             left = merged
     vocab += [BOS, EOS]
-    ids = {tok: i for i, tok in enumerate(vocab)}
-    (folder / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, "errors": "replace",
-         "add_prefix_space": False, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS},
-        indent=2), encoding="utf-8")
-    return ids
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(folder: os.PathLike, words: Iterable[str]) -> dict[str, int]:
+    """Write a Hugging Face ``CLIPTokenizer`` folder for :func:`tokenizer_vocab`; returns the vocab."""
+    from .tokenizer import ClipTokenizer
+    vocab, merges = tokenizer_vocab(words)
+    ClipTokenizer(vocab, merges).save(folder)
+    return vocab
 
 
 def tiny_config(vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
@@ -84,9 +81,11 @@ def tiny_config(vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
     unet = UNetConfig(model_channels=32, num_heads=4, context_dim=TINY_TEXT["hidden_size"],
                       attention_resolutions=(4, 2, 1), channel_mult=(1, 2, 4, 4))
     vae = VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), resolution=64)
-    text = clip_l_config(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-                         **TINY_TEXT)
-    return ModelConfig("sd1", unet, vae, [TextEncoderSpec("clip_l", SD1_TE_PREFIX, "hf", text, eos_id)])
+    text = clip_l_config()
+    for key, value in dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id,
+                           pad_token_id=eos_id).items():
+        setattr(text, key, value)
+    return ModelConfig("sd1", unet, vae, [TextEncoderSpec("sd1", text)], native_size=(64, 64))
 
 
 def ldm_yaml(config: ModelConfig, text_encoder_folder: str, parameterization: str = "eps") -> str:
@@ -150,5 +149,34 @@ def ldm_yaml(config: ModelConfig, text_encoder_folder: str, parameterization: st
       target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
       params:
         version: {text_encoder_folder}
-# text encoder: CLIP {te['hidden_size']} wide, {te['num_hidden_layers']} layers, {te['num_attention_heads']} heads
+# text encoder: CLIP {te.hidden_size} wide, {te.num_hidden_layers} layers, {te.num_attention_heads} heads
 """
+
+
+# Words the random-init tiny model's tokenizer knows before the toy world defines its own vocabulary.
+TINY_WORDS = ("a", "an", "on", "the", "of", "background", "small", "large", "red", "green", "blue", "yellow",
+              "purple", "orange", "white", "black", "gray", "circle", "square", "triangle", "zq", "zkx")
+
+
+def write_model_files(bundle, folder: os.PathLike, name: str = "tiny-sd", dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``NAME.safetensors`` (SD1 single-file layout), ``NAME.yaml`` and ``text_encoder/``.
+
+    The folder layout is the one SPEC §12 fixes for the embedded model, so any SD1 tool (and
+    our own loader) reads it: the YAML's text-encoder ``version`` names the folder beside it.
+    """
+    from .checkpoint_io import save_safetensors_atomic
+    folder = Path(folder)
+    te_dir = folder / "text_encoder"
+    te_dir.mkdir(parents=True, exist_ok=True)
+    bundle.tokenizer.save(te_dir)
+    te_cfg = bundle.text_encoders[0].config.to_dict()
+    te_cfg["architectures"] = ["CLIPTextModel"]
+    (te_dir / "config.json").write_text(json.dumps(te_cfg, indent=2, default=str), encoding="utf-8")
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu()
+             for k, v in bundle.checkpoint_state_dict().items()}
+    path = folder / f"{name}.safetensors"
+    save_safetensors_atomic(state, path, metadata={"format": "pt"})
+    (folder / f"{name}.yaml").write_text(ldm_yaml(bundle.config, "text_encoder",
+                                                   "v" if bundle.prediction_type == "v_prediction" else "eps"),
+                                         encoding="utf-8")
+    return path
