@@ -184,6 +184,9 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # a normal file, not the private mode of a temp file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
