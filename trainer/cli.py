@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     g = sub.add_parser("generate", help="draw images with a model (the sampler the Samples tab uses)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="repeat for several prompts: one grid row per prompt")
     g.add_argument("--negative", default="")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=20)
@@ -45,16 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_size, default=None, help="H,W in pixels (default: the model's native size)")
     g.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
     g.add_argument("--clip-skip", type=int, default=None)
-    g.add_argument("-n", "--num-images", type=int, default=1, help="images with seeds seed, seed+1, … in a grid")
+    g.add_argument("-n", "--num-images", type=int, default=1,
+                   help="images per prompt, seeds seed, seed+1, …: one grid column each")
     g.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_model_args(g)
+
+    t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
+    t.add_argument("toy_args", nargs=argparse.REMAINDER)
+    pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
+    pt.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_to_file
     path = generate_to_file(
-        prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        prompts=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
         size=args.size, sampler=args.sampler, clip_skip=args.clip_skip, num_images=args.num_images,
         output=Path(args.output), model=args.model, vae=args.vae, prediction=args.prediction,
         tokenizer=args.tokenizer, device=args.device, log=lambda m: print(m, file=sys.stderr))
@@ -62,10 +69,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate}
+def cmd_toy(args: argparse.Namespace) -> int:
+    from . import toy
+    return toy.main(args.toy_args)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from . import pretrain
+    return pretrain.main(args.pretrain_args)
+
+
+COMMANDS = {"generate": cmd_generate, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+
+
+PASS_THROUGH = {"toy": ("toy", "toy_args"), "pretrain-tiny": ("pretrain", "pretrain_args")}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:   # sub-tools with their own argument parsers
+        _, attr = PASS_THROUGH[argv[0]]
+        return COMMANDS[argv[0]](argparse.Namespace(**{attr: argv[1:]}))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -61,7 +61,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], seeds: Sequence[int], 
     return images
 
 
-def generate_to_file(*, prompt: str, output: Path, negative: str = "", seed: int = 0, steps: int = 20,
+def generate_to_file(*, prompts: Sequence[str], output: Path, negative: str = "", seed: int = 0, steps: int = 20,
                      cfg: float = 5.0, size=None, sampler: str = "ddim", clip_skip=None, num_images: int = 1,
                      model=None, vae=None, prediction=None, tokenizer=None, device=None,
                      log: Callable[[str], None] = print) -> Path:
@@ -75,9 +75,11 @@ def generate_to_file(*, prompt: str, output: Path, negative: str = "", seed: int
         raise UserError("--num-images must be at least 1")
     bundle = load_model_or_default(model, vae=vae, prediction_type=prediction, tokenizer=tokenizer,
                                    device=device, log=log)
-    imgs = generate(bundle, [prompt] * num_images, [seed + i for i in range(num_images)], negative=negative,
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [seed + i for i in range(num_images)]
+    imgs = generate(bundle, [p for p in prompts for _ in seeds], seeds * len(prompts), negative=negative,
                     steps=steps, cfg=cfg, size=size, sampler=sampler, clip_skip=clip_skip)
-    image = imgs[0] if num_images == 1 else grid(imgs)
+    image = imgs[0] if len(imgs) == 1 else grid(imgs, cols=num_images if len(prompts) > 1 else None)
     tmp = output.with_name(f".{output.name}.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(output)

@@ -91,7 +91,7 @@ class ModelBundle:
     # ------------------------------------------------------------------ text
     def _encode_role(self, encoder: TextEncoder, prompts: Sequence[str], clip_skip: int):
         """Chunked, emphasis-weighted hidden states (and the first chunk's pooled output) for one encoder."""
-        pad = 0 if encoder.role.openclip else int(encoder.config.pad_token_id)
+        pad = 0 if encoder.role.openclip else self.tokenizer.pad_id   # OpenCLIP pads with 0, CLIP-L with its EOS
         chunked = [self.tokenizer.chunk(p, pad_id=pad, emphasis=self.emphasis) for p in prompts]
         n_chunks = max(len(c) for c in chunked)
         empty = self.tokenizer.chunk("", pad_id=pad, emphasis=False)[0]

@@ -56,11 +56,6 @@ class TextEncoderSpec:
     config: Any               # transformers CLIPTextConfig
 
     @property
-    def pad_id(self) -> int:
-        """OpenCLIP pads with 0; CLIP-L pads with its end token."""
-        return 0 if ROLES[self.role].openclip else int(self.config.pad_token_id)
-
-    @property
     def prefix(self) -> str:
         return ROLES[self.role].prefix
 
