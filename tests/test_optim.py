@@ -1,0 +1,67 @@
+"""Optimizer registry and LR schedules."""
+import math
+
+import pytest
+import torch
+
+from trainer.errors import UserError
+from trainer.optim import build_optimizer, build_scheduler, lr_lambda, optimizer_class, parse_step_rules
+
+
+def _lrs(name, total=10, **kw):
+    f = lr_lambda(name, total, **kw)
+    return [round(f(s), 6) for s in range(total)]
+
+
+def test_schedules():
+    assert _lrs("constant") == [1.0] * 10
+    assert _lrs("constant_with_warmup", warmup=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    lin = _lrs("linear")
+    assert lin[0] == 1.0 and lin == sorted(lin, reverse=True) and lin[-1] == pytest.approx(0.1)
+    cos = lr_lambda("cosine", 100)
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    restarts = lr_lambda("cosine_with_restarts", 100, cycles=2)
+    assert restarts(49) < 0.01 and restarts(50) == pytest.approx(1.0)
+    assert lr_lambda("polynomial", 100, power=2.0)(50) == pytest.approx(0.25)
+
+
+def test_piecewise_constant():
+    assert parse_step_rules("1:3,0.5:6,0.1") == [(1.0, 3), (0.5, 6), (0.1, None)]
+    assert _lrs("piecewise_constant", step_rules="1:3,0.5:6,0.1") == [1, 1, 1, .5, .5, .5, .1, .1, .1, .1]
+    with pytest.raises(UserError, match="train_lr_step_rules"):
+        parse_step_rules("1:5,x")
+    with pytest.raises(UserError, match="train_lr_step_rules"):
+        lr_lambda("piecewise_constant", 10, step_rules="")
+
+
+def test_scheduler_drives_optimizer_and_resumes():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer("AdamW", [{"params": [p]}], lr=1.0)
+    sched = build_scheduler(opt, "linear", 10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = (opt.state_dict(), sched.state_dict())
+    opt2 = build_optimizer("adamw", [{"params": [p]}], lr=1.0)
+    sched2 = build_scheduler(opt2, "linear", 10)
+    opt2.load_state_dict(state[0])
+    sched2.load_state_dict(state[1])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == pytest.approx(0.6)
+
+
+def test_unknown_and_missing_optimizers_are_clear():
+    with pytest.raises(UserError, match="unknown optimizer 'Adamm'.*AdamW"):
+        optimizer_class("Adamm")
+    try:
+        import lion_pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install lion-pytorch"):
+            optimizer_class("Lion")
+    with pytest.raises(UserError, match="train_lr_scheduler"):
+        lr_lambda("sometimes", 10)
+
+
+def test_bad_optimizer_arguments_are_clear():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(UserError, match="train_optimizer_settings"):
+        build_optimizer("AdamW", [{"params": [p]}], lr=1e-3, extra={"bogus": 1})

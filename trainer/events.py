@@ -1,0 +1,149 @@
+"""Training events and the sinks that consume them: console progress bar, loss CSV, the UI.
+
+The engine only emits events; what shows them (a terminal bar, a CSV file, the gradio tab,
+the HTTP API) subscribes. A sink that fails never stops training: its error is logged once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepEvent:
+    step: int                 # optimizer steps done (1-based after the first step)
+    total: int
+    loss: float
+    loss_ema: float
+    lr: float
+    lr_te: Optional[float]
+    it_per_s: float
+    eta_s: float
+    elapsed_s: float
+    peak_memory_mb: float     # peak RSS on CPU, peak allocated on CUDA
+    phase: str = ""           # e.g. "pass 1" / "pass 2" for Difference
+
+
+@dataclass
+class RunEvent:
+    kind: str                 # "start", "message", "saved", "sample", "done", "stopped", "failed"
+    message: str = ""
+    path: Optional[str] = None
+    data: dict = field(default_factory=dict)
+
+
+Sink = Callable[[object], None]
+
+
+class EventBus:
+    def __init__(self, sinks: Optional[list] = None):
+        self.sinks: list[Sink] = list(sinks or [])
+        self._broken: set[int] = set()
+
+    def subscribe(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, event: object) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink(event)
+            except Exception:  # a display problem must never kill a training run
+                if id(sink) not in self._broken:
+                    self._broken.add(id(sink))
+                    log.exception("event sink %r failed; further errors from it are suppressed", sink)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing event sink %r failed", sink)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ConsoleProgress:
+    """A one-line progress bar on a terminal, plain lines every ``every`` steps otherwise (logs, CI)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 24, every: int = 10):
+        self.stream, self.width, self.every = stream, width, every
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._open_line = False
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, StepEvent):
+            frac = event.step / max(1, event.total)
+            bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+            phase = f"{event.phase} " if event.phase else ""
+            line = (f"{phase}[{bar}] {event.step}/{event.total} loss {event.loss_ema:.4f} "
+                    f"{event.it_per_s:.2f} it/s ETA {_fmt_time(event.eta_s)} mem {event.peak_memory_mb:.0f} MB")
+            if self.tty:
+                self.stream.write("\r" + line)
+                self._open_line = True
+            elif event.step % self.every == 0 or event.step == event.total or event.step == 1:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+        elif isinstance(event, RunEvent) and event.kind != "sample":
+            if self._open_line:
+                self.stream.write("\n")
+                self._open_line = False
+            text = event.message or event.kind
+            if event.kind == "saved" and event.path:
+                text = f"saved: {event.path}"
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+class CsvLogger:
+    """``step,loss,loss_ema,lr[,lr_te],elapsed_s``; each row one ``write`` on an append-mode descriptor,
+    so a crash leaves whole rows only (a reader drops an unterminated last line)."""
+
+    def __init__(self, path: Path, with_te_lr: bool):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.with_te_lr = with_te_lr
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if os.fstat(self._fd).st_size == 0:
+            header = "step,loss,loss_ema,lr" + (",lr_te" if with_te_lr else "") + ",elapsed_s\n"
+            os.write(self._fd, header.encode())
+
+    def __call__(self, event: object) -> None:
+        if not isinstance(event, StepEvent) or self._fd is None:
+            return
+        row = [str(event.step), f"{event.loss:.6g}", f"{event.loss_ema:.6g}", f"{event.lr:.6g}"]
+        if self.with_te_lr:
+            row.append(f"{(event.lr_te if event.lr_te is not None else event.lr):.6g}")
+        row.append(f"{event.elapsed_s:.2f}")
+        os.write(self._fd, (",".join(row) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, peak RSS on CPU."""
+    import torch
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+    except ImportError:  # Windows
+        return 0.0

@@ -1,0 +1,140 @@
+"""Optimizer and learning-rate scheduler registry.
+
+Optimizers from other packages are imported only when chosen, so a missing package is a
+clear one-line error naming what to install, not an import failure at start-up. The LR
+schedules are plain functions of the step (``LambdaLR``), so they need no extra package
+and resume exactly from a saved step.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .errors import UserError
+
+# name (lower case) → (module, attribute, pip package, default kwargs)
+_OPTIMIZERS: dict[str, tuple[str, str, str, dict]] = {
+    "adamw": ("torch.optim", "AdamW", "torch", {"weight_decay": 0.01}),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {"weight_decay": 0.01}),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch", {}),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
+    "adafactor": ("transformers.optimization", "Adafactor", "transformers",
+                  {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
+    "dadaptadam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
+    "adamwschedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree", {}),
+    "came": ("came_pytorch", "CAME", "came-pytorch", {"weight_decay": 0.01}),
+    "sgd": ("torch.optim", "SGD", "torch", {}),
+}
+OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree",
+                   "CAME", "SGD")
+SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                   "piecewise_constant")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+def optimizer_class(name: str):
+    key = _key(name)
+    if key not in _OPTIMIZERS:
+        raise UserError(f"train_optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    module, attr, package, _ = _OPTIMIZERS[key]
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise UserError(f"train_optimizer {name} needs the package '{package}': pip install {package}") from None
+    except AttributeError:
+        raise UserError(f"train_optimizer {name}: installed '{package}' has no {attr}; upgrade it") from None
+
+
+def build_optimizer(name: str, param_groups: Sequence[dict], lr: float, extra: dict | None = None):
+    """An optimizer over ``param_groups`` (each may carry its own ``lr``); ``extra`` = user ``key=value`` args."""
+    cls = optimizer_class(name)
+    kwargs = dict(_OPTIMIZERS[_key(name)][3])
+    kwargs.update(extra or {})
+    if _key(name) == "came" and "betas" not in kwargs:
+        kwargs["betas"] = (0.9, 0.999, 0.9999)
+    try:
+        return cls(list(param_groups), lr=lr, **kwargs)
+    except TypeError as e:
+        raise UserError(f"train_optimizer_settings: {name} rejected the arguments {sorted(kwargs)} ({e})") from None
+
+
+def is_schedule_free(optimizer) -> bool:
+    """Schedule-free optimizers hold averaged weights that must be swapped in (``eval()``) before saving."""
+    return hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "schedulefree" in type(optimizer).__module__
+
+
+def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
+    """``"1:100,0.5:200,0.1"`` → [(1, 100), (0.5, 200), (0.1, None)]: factor until step, last one forever."""
+    out: list[tuple[float, int | None]] = []
+    parts = [p.strip() for p in rules.replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        raise UserError("train_lr_step_rules: piecewise_constant needs rules like '1:100,0.5:200,0.1'")
+    for i, part in enumerate(parts):
+        try:
+            if ":" in part:
+                factor, until = part.split(":")
+                out.append((float(factor), int(until)))
+            elif i == len(parts) - 1:
+                out.append((float(part), None))
+            else:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"train_lr_step_rules: cannot read {part!r} (expected factor:step, last one factor)") from None
+    steps = [s for _, s in out if s is not None]
+    if steps != sorted(steps):
+        raise UserError("train_lr_step_rules: steps must increase")
+    return out
+
+
+def lr_lambda(name: str, total_steps: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
+              step_rules: str = "") -> Callable[[int], float]:
+    """The multiplier of the base LR at optimizer step ``step`` (0-based) for a named schedule."""
+    key = name.lower()
+    if key not in SCHEDULER_NAMES:
+        raise UserError(f"train_lr_scheduler: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    total = max(1, total_steps)
+    rules = parse_step_rules(step_rules) if key == "piecewise_constant" else []
+
+    def warm(step: int) -> float | None:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return None
+
+    def progress(step: int) -> float:
+        return min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+
+    def f(step: int) -> float:
+        w = warm(step) if key != "constant" else None
+        if w is not None:
+            return w
+        if key in ("constant", "constant_with_warmup"):
+            return 1.0
+        p = progress(step)
+        if key == "linear":
+            return 1.0 - p
+        if key == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        if key == "cosine_with_restarts":
+            if p >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * p) % 1.0)))
+        if key == "polynomial":
+            return (1.0 - p) ** power
+        for factor, until in rules:   # piecewise_constant
+            if until is None or step < until:
+                return factor
+        return rules[-1][0]
+
+    return f
+
+
+def build_scheduler(optimizer, name: str, total_steps: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
+                    step_rules: str = ""):
+    fn = lr_lambda(name, total_steps, warmup, cycles, power, step_rules)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
