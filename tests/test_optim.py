@@ -23,6 +23,20 @@ def test_schedules():
     restarts = lr_lambda("cosine_with_restarts", 100, cycles=2)
     assert restarts(49) < 0.01 and restarts(50) == pytest.approx(1.0)
     assert lr_lambda("polynomial", 100, power=2.0)(50) == pytest.approx(0.25)
+    ann = lr_lambda("cosine_annealing", 100, min_factor=0.1)
+    assert ann(0) == 1.0 and ann(100) == pytest.approx(0.1)
+
+
+def test_cosine_annealing_eta_min_per_group():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer("AdamW", [{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 1e-3}], lr=1e-4)
+    sched = build_scheduler(opt, "cosine_annealing", 10, settings={"eta_min": 1e-5})
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-5])
+    with pytest.raises(UserError, match="train_lr_scheduler_settings"):
+        build_scheduler(opt, "cosine", 10, settings={"gamma": 0.5})
 
 
 def test_piecewise_constant():

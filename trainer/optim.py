@@ -31,7 +31,7 @@ _OPTIMIZERS: dict[str, tuple[str, str, str, dict]] = {
 OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree",
                    "CAME", "SGD")
 SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                   "piecewise_constant")
+                   "piecewise_constant", "cosine_annealing")
 
 
 def _key(name: str) -> str:
@@ -93,8 +93,12 @@ def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
 
 
 def lr_lambda(name: str, total_steps: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
-              step_rules: str = "") -> Callable[[int], float]:
-    """The multiplier of the base LR at optimizer step ``step`` (0-based) for a named schedule."""
+              step_rules: str = "", min_factor: float = 0.0) -> Callable[[int], float]:
+    """The multiplier of the base LR at optimizer step ``step`` (0-based) for a named schedule.
+
+    ``cosine_annealing`` (TrainTrain's ADDifT presets) is cosine from 1 down to ``min_factor``
+    (``eta_min / lr``) over all steps.
+    """
     key = name.lower()
     if key not in SCHEDULER_NAMES:
         raise UserError(f"train_lr_scheduler: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
@@ -120,6 +124,8 @@ def lr_lambda(name: str, total_steps: int, warmup: int = 0, cycles: int = 1, pow
             return 1.0 - p
         if key == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * p))
+        if key == "cosine_annealing":
+            return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
         if key == "cosine_with_restarts":
             if p >= 1.0:
                 return 0.0
@@ -135,6 +141,14 @@ def lr_lambda(name: str, total_steps: int, warmup: int = 0, cycles: int = 1, pow
 
 
 def build_scheduler(optimizer, name: str, total_steps: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
-                    step_rules: str = ""):
-    fn = lr_lambda(name, total_steps, warmup, cycles, power, step_rules)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
+                    step_rules: str = "", settings: dict | None = None):
+    """``settings`` = the user's scheduler ``key=value`` args (``eta_min`` for cosine_annealing)."""
+    settings = dict(settings or {})
+    eta_min = float(settings.pop("eta_min", 0.0))
+    if settings:
+        raise UserError(f"train_lr_scheduler_settings: {name} takes no {', '.join(sorted(settings))}")
+    lambdas = []
+    for group in optimizer.param_groups:
+        base = group.get("initial_lr", group["lr"]) or 1.0
+        lambdas.append(lr_lambda(name, total_steps, warmup, cycles, power, step_rules, min_factor=eta_min / base))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
