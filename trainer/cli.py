@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_model_args(g)
 
+    tr = sub.add_parser("train", help="run a training job from a settings/preset JSON (ours or TrainTrain's)")
+    tr.add_argument("job", help="JSON file: a preset, a saved run, or a TrainTrain settings file")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    tr.add_argument("--model", help="checkpoint; default: the job's model_checkpoint, else the embedded model")
+    tr.add_argument("--lora-dir", help="where LoRA files go (default ./output)")
+    tr.add_argument("--device", default=None)
+
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
@@ -69,6 +76,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runner import run_job
+    from .settings import Settings
+    path = Path(args.job)
+    if not path.is_file():
+        raise UserError(f"{path}: job file not found")
+    settings = Settings.from_json(path)
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.set:
+        settings = settings.apply_set_args(args.set)
+    if args.model:
+        settings = settings.with_overrides(model_checkpoint=args.model)
+    result = run_job(settings, lora_dir=Path(args.lora_dir) if args.lora_dir else None, device=args.device)
+    for p in result.saved:
+        print(f"saved: {p}")
+    return 0 if result.status == "done" else 3
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     from . import toy
     return toy.main(args.toy_args)
@@ -79,7 +105,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain.main(args.pretrain_args)
 
 
-COMMANDS = {"generate": cmd_generate, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
 
 
 PASS_THROUGH = {"toy": ("toy", "toy_args"), "pretrain-tiny": ("pretrain", "pretrain_args")}

@@ -1,0 +1,366 @@
+"""The shared training loop every mode runs on.
+
+A mode (``trainer/modes/*.py``) prepares its data and networks and hands the engine a
+``loss(step) -> tensor`` closure; the engine owns everything around it: precision, the
+optimizer and LR schedule, gradient accumulation and clipping, exactly
+``train_iterations`` optimizer steps, the NaN guard, Stop / Stop & Save, periodic saves,
+the resumable training state, and the events (console, CSV, UI) — once, for every mode.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import __version__
+from .errors import UserError
+from .events import CsvLogger, EventBus, RunEvent, StepEvent, peak_memory_mb
+from .optim import build_optimizer, build_scheduler, is_schedule_free
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(UserError):
+    """The run could not finish (NaN loss, disk full …); the message says what was saved."""
+
+
+class StopRequest:
+    """Set from another thread (UI, API, Ctrl-C): ``"stop"`` discards, ``"save"`` saves then stops."""
+
+    def __init__(self):
+        self._mode: Optional[str] = None
+        self._lock = threading.Lock()
+
+    def request(self, mode: str = "stop") -> None:
+        if mode not in ("stop", "save"):
+            raise ValueError(mode)
+        with self._lock:
+            self._mode = mode if self._mode != "stop" else "stop"
+
+    @property
+    def mode(self) -> Optional[str]:
+        return self._mode
+
+
+class Stopped(Exception):
+    """Raised inside a run when a Stop was requested (``saved`` lists what Stop & Save wrote)."""
+
+    def __init__(self, saved: Optional[list] = None):
+        super().__init__("stopped")
+        self.saved = saved or []
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp32 on CPU (bf16/fp16 matmuls are emulated there), bf16 on GPUs that have it, else fp16."""
+    if name in DTYPES:
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class RunPaths:
+    lora_dir: Path
+    log_dir: Path = ROOT / "logs"
+    json_dir: Path = ROOT / "json"
+
+    def lora(self, name: str, step: Optional[int] = None) -> Path:
+        return self.lora_dir / (f"{name}_{step}steps.safetensors" if step else f"{name}.safetensors")
+
+
+@dataclass
+class PassResult:
+    steps: int
+    final_loss: float
+    stopped: bool = False
+
+
+class Run:
+    """One job: settings, bundle, paths, events, stop flag, RNG; modes call :meth:`train` and :meth:`save`."""
+
+    def __init__(self, settings: Settings, bundle, paths: RunPaths, events: Optional[EventBus] = None,
+                 stop: Optional[StopRequest] = None, model_info: Optional[dict] = None):
+        self.settings, self.bundle, self.paths = settings, bundle, paths
+        self.events = events or EventBus()
+        self.stop = stop or StopRequest()
+        self.device = bundle.device
+        self.model_info = model_info or {}
+        self.seed = settings.train_seed if settings.train_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+        self.started = _dt.datetime.now()
+        self.stamp = self.started.strftime("%Y%m%d_%H%M%S")
+        self.saved: list[Path] = []
+        self.extra_metadata: dict = {}
+        self.csv: Optional[CsvLogger] = None
+        self.csv_path: Optional[Path] = None
+        self.generators: dict[str, torch.Generator] = {}   # saved with the training state
+
+    # ------------------------------------------------------------------ helpers for modes
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def precision(self, which: str, settings: Optional[Settings] = None) -> torch.dtype:
+        return resolve_precision(getattr(settings or self.settings, which), self.device)
+
+    def message(self, text: str) -> None:
+        log.info(text)
+        self.events.emit(RunEvent("message", text))
+
+    def check_stop(self) -> None:
+        if self.stop.mode == "stop":
+            raise Stopped()
+
+    def output_path(self, name: Optional[str] = None, step: Optional[int] = None) -> Path:
+        return self.paths.lora(name or self.settings.save_lora_name, step)
+
+    def open_csv(self, with_te_lr: bool) -> None:
+        if not self.settings.logging_save_csv or self.csv is not None:
+            return
+        day = self.started.strftime("%Y%m%d")
+        self.csv_path = self.paths.log_dir / day / f"{self.settings.save_lora_name}-{self.stamp}.csv"
+        self.csv = CsvLogger(self.csv_path, with_te_lr)
+        self.events.subscribe(self.csv)
+
+    # ------------------------------------------------------------------ metadata and saving
+    def metadata(self, settings: Settings, network, steps: int, extra: Optional[dict] = None) -> dict:
+        info = {
+            "ss_output_name": settings.save_lora_name,
+            "ss_training_started_at": self.started.timestamp(),
+            "ss_training_finished_at": time.time(),
+            "ss_steps": steps,
+            "ss_max_train_steps": settings.train_iterations,
+            "ss_learning_rate": settings.train_learning_rate,
+            "ss_text_encoder_lr": settings.train_textencoder_learning_rate or settings.train_learning_rate,
+            "ss_unet_lr": settings.train_learning_rate,
+            "ss_optimizer": settings.train_optimizer,
+            "ss_lr_scheduler": settings.train_lr_scheduler,
+            "ss_lr_warmup_steps": settings.train_lr_warmup_steps,
+            "ss_seed": self.seed,
+            "ss_min_snr_gamma": settings.train_snr_gamma,
+            "ss_noise_offset": settings.noise_offset,
+            "ss_batch_size_per_device": settings.train_batch_size,
+            "ss_gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            "ss_max_grad_norm": settings.gradient_clip_norm,
+            "ss_mixed_precision": str(self.precision("train_model_precision", settings)).replace("torch.", ""),
+            "ss_full_fp16": False,
+            "ss_clip_skip": settings.clip_skip,
+            "ss_sd_model_name": self.model_info.get("name", self.bundle.name),
+            "ss_sd_model_hash": self.model_info.get("hash", ""),
+            "ss_new_sd_model_hash": self.model_info.get("sha256", ""),
+            "ss_vae_name": self.model_info.get("vae", ""),
+            "modelspec.resolution": "{}x{}".format(*settings.image_size),
+            "modelspec.prediction_type": "v" if self.bundle.prediction_type == "v_prediction" else "epsilon",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "shinkansen_version": __version__,
+            "shinkansen_mode": settings.mode,
+            "shinkansen_settings": json.dumps(settings.to_dict("ours"), default=str),
+        }
+        info.update(self.extra_metadata)
+        info.update(extra or {})
+        return info
+
+    def save(self, network, settings: Optional[Settings] = None, *, steps: int, name: Optional[str] = None,
+             step_suffix: Optional[int] = None, extra: Optional[dict] = None) -> Path:
+        """Write ``network`` as a kohya LoRA (atomic) and announce it; schedule-free weights swapped in first."""
+        from .networks import save_lora
+        settings = settings or self.settings
+        path = self.output_path(name, step_suffix)
+        dtype = resolve_precision(settings.save_precision, self.device) if settings.save_precision != "model" \
+            else self.bundle.dtype
+        try:
+            out = save_lora(network, path, self.metadata(settings, network, steps, extra), dtype=dtype,
+                            strength=settings.network_strength)
+        except OSError as e:
+            raise TrainingError(f"could not write {path}: {e.strerror or e}") from None
+        self.saved.append(out)
+        self.events.emit(RunEvent("saved", f"saved: {out}", path=str(out)))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, loss_fn: Callable[[int], torch.Tensor], network, settings: Optional[Settings] = None, *,
+              phase: str = "", state: Any = None, on_save: Optional[Callable[[int], None]] = None) -> PassResult:
+        """Run ``train_iterations`` optimizer steps of ``loss_fn`` on ``network``'s parameters.
+
+        ``state`` is an object with ``state_dict``/``load_state_dict`` (e.g. the batch sampler) that joins
+        the resumable training state. ``on_save(step)`` is called for periodic saves (default: save the LoRA).
+        """
+        s = settings or self.settings
+        te_lr = s.train_textencoder_learning_rate
+        groups = network.trainable_parameters(unet_lr=s.train_learning_rate, te_lr=te_lr or s.train_learning_rate)
+        if not groups:
+            raise UserError("network_blocks: the network has no trainable parameters")
+        optimizer = build_optimizer(s.train_optimizer, groups, s.train_learning_rate, dict(s.train_optimizer_settings))
+        scheduler = build_scheduler(optimizer, s.train_lr_scheduler, s.train_iterations, s.train_lr_warmup_steps,
+                                    s.train_lr_scheduler_num_cycles, s.train_lr_scheduler_power,
+                                    s.train_lr_step_rules, dict(s.train_lr_scheduler_settings))
+        params = [p for g in groups for p in g["params"]]
+        has_te = any(g.get("name") == "text_encoder" for g in groups)
+        self.open_csv(with_te_lr=has_te)
+        model_dtype = self.precision("train_model_precision", s)
+        autocast = (torch.autocast(self.device.type, dtype=model_dtype)
+                    if self.device.type == "cuda" and model_dtype != torch.float32 else None)
+        scaler = torch.amp.GradScaler("cuda") if autocast is not None and model_dtype == torch.float16 else None
+
+        start_step, loss_ema = 0, None
+        resume_path = Path(s.train_resume_state) if s.train_resume_state else None
+        if resume_path is not None:
+            start_step, loss_ema = self._load_state(resume_path, network, optimizer, scheduler, state, phase)
+        if is_schedule_free(optimizer):
+            optimizer.train()
+
+        total, accum = s.train_iterations, max(1, s.gradient_accumulation_steps)
+        t0, step_times = time.perf_counter(), []
+        last = time.perf_counter()
+        step = start_step
+        self.events.emit(RunEvent("start", f"training {phase or s.mode}: {total} steps", data={"phase": phase}))
+        while step < total:
+            if self.stop.mode is not None:
+                return self._stop(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+            loss_value = 0.0
+            for micro in range(accum):
+                if autocast is not None:
+                    with autocast:
+                        loss = loss_fn(step)
+                else:
+                    loss = loss_fn(step)
+                if not torch.isfinite(loss.detach()):
+                    self._nan(network, s, step, optimizer, loss)
+                loss_value += float(loss.detach()) / accum
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if s.gradient_clip_norm and s.gradient_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.gradient_clip_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+            window = step_times[-20:]
+            rate = len(window) / max(1e-9, sum(window))
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            names = [g.get("name") for g in optimizer.param_groups]
+            lr_te = lrs[names.index("text_encoder")] if "text_encoder" in names else None
+            lr_unet = lrs[names.index("unet")] if "unet" in names else lrs[0]
+            self.events.emit(StepEvent(step, total, loss_value, loss_ema, lr_unet, lr_te, rate,
+                                       (total - step) / max(rate, 1e-9), now - t0,
+                                       peak_memory_mb(self.device), phase))
+            if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < total:
+                self._swap_eval(optimizer, lambda: (on_save or (lambda k: self.save(network, s, steps=k,
+                                                                                     step_suffix=k)))(step))
+                if s.save_state:
+                    self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+        if is_schedule_free(optimizer):
+            optimizer.eval()   # the averaged weights are the ones to keep
+        if s.save_state:
+            self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+        return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
+
+    def _swap_eval(self, optimizer, fn: Callable[[], Any]) -> None:
+        if is_schedule_free(optimizer):
+            optimizer.eval()
+            try:
+                fn()
+            finally:
+                optimizer.train()
+        else:
+            fn()
+
+    def _stop(self, network, s, step, optimizer, scheduler, state, phase, loss_ema) -> PassResult:
+        if self.stop.mode == "save":
+            self._swap_eval(optimizer, lambda: self.save(network, s, steps=step))
+            if s.save_state:
+                self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+            raise Stopped(saved=list(self.saved))
+        if s.save_state:
+            self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+        raise Stopped()
+
+    def _nan(self, network, s, step, optimizer, loss) -> None:
+        """The weights are still those of the last good step: save them, then stop with a clear message."""
+        optimizer.zero_grad(set_to_none=True)
+        path = self.output_path(f"{s.save_lora_name}_nan_at_{step}")
+        saved = ""
+        if step > 0:
+            self._swap_eval(optimizer, lambda: self.save(network, s, steps=step, name=path.stem))
+            saved = f"; the last good weights (step {step}) are in {path}"
+        raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}{saved}. "
+                            "Lower train_learning_rate or use fp32 (train_model_precision)")
+
+    # ------------------------------------------------------------------ resumable state
+    def state_path(self, phase: str = "") -> Path:
+        suffix = f"-{phase.replace(' ', '')}" if phase else ""
+        return self.paths.log_dir / "states" / f"{self.settings.save_lora_name}{suffix}.state.pt"
+
+    def _save_state(self, network, s, step, optimizer, scheduler, state, phase, loss_ema) -> Path:
+        data = {"version": 1, "phase": phase, "step": step, "loss_ema": loss_ema, "seed": self.seed,
+                "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": self._rng_states(),
+                "extra": state.state_dict() if state is not None else None,
+                "settings": json.dumps(s.to_dict("ours"), default=str)}
+        path = self.state_path(phase)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        self.events.emit(RunEvent("message", f"training state saved: {path}", path=str(path)))
+        return path
+
+    def _load_state(self, path: Path, network, optimizer, scheduler, state, phase) -> tuple[int, Optional[float]]:
+        if not path.is_file():
+            raise UserError(f"train_resume_state: {path} does not exist")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
+        if data.get("phase", "") != phase:
+            raise UserError(f"train_resume_state: {path} belongs to phase {data.get('phase')!r}, not {phase!r}")
+        network.load_state_dict(data["network"])
+        optimizer.load_state_dict(data["optimizer"])
+        scheduler.load_state_dict(data["scheduler"])
+        if state is not None and data.get("extra") is not None:
+            state.load_state_dict(data["extra"])
+        self._set_rng_states(data["rng"])
+        self.seed = int(data["seed"])
+        self.message(f"resumed from {path} at step {data['step']}")
+        return int(data["step"]), data.get("loss_ema")
+
+    def _rng_states(self) -> dict:
+        out = {"torch": torch.get_rng_state()}   # modes draw only from registered generators
+        for name, gen in self.generators.items():
+            out[f"gen:{name}"] = gen.get_state()
+        return out
+
+    def _set_rng_states(self, states: dict) -> None:
+        torch.set_rng_state(states["torch"])
+        for name, gen in self.generators.items():
+            key = f"gen:{name}"
+            if key in states:
+                gen.set_state(states[key])
+
+    def register_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
+        """A mode's generator whose state must join the resumable training state."""
+        self.generators[name] = generator
+        return generator

@@ -1,0 +1,110 @@
+"""Run one job end to end: validate → check inputs → load the model → run the mode → write logs.
+
+Everything a user can get wrong is checked before the model is loaded, so a typo costs
+seconds, not a model load; the queue, the CLI and the API all call :func:`run_job`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .engine import ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, resolve_precision
+from .errors import UserError
+from .events import ConsoleProgress, EventBus, RunEvent
+from .modes import mode_module
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+DEFAULT_LORA_DIR = ROOT / "output"
+
+
+@dataclass
+class JobResult:
+    status: str                       # "done" | "stopped"
+    saved: list = field(default_factory=list)
+    csv: Optional[Path] = None
+    json: Optional[Path] = None
+    seconds: float = 0.0
+
+
+def _file_sha256(path: Path, limit: int = 512 * 2**20) -> str:
+    """SHA-256 of a model file (as A1111 shows it), skipped for very large files to keep start-up fast."""
+    if not path.is_file() or path.stat().st_size > limit:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output(settings: Settings, lora_dir: Path) -> None:
+    target = lora_dir / f"{settings.save_lora_name}.safetensors"
+    if target.exists() and not settings.save_overwrite:
+        raise UserError(f"save_lora_name: {target} already exists; pick another name or enable save_overwrite")
+    if lora_dir.exists() and not lora_dir.is_dir():
+        raise UserError(f"lora_dir: {lora_dir} is not a folder")
+
+
+def load_bundle(settings: Settings, device=None, log_fn: Optional[Callable[[str], None]] = None):
+    from .models.loader import DEFAULT_MODEL, load_model
+    import torch
+    device = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dtype = resolve_precision(settings.train_model_precision, device)
+    path = Path(settings.model_checkpoint) if settings.model_checkpoint else DEFAULT_MODEL
+    if not path.is_file():
+        raise UserError(f"model_checkpoint: {path} does not exist")
+    vae = settings.model_vae if settings.model_vae and settings.model_vae.lower() != "none" else None
+    bundle = load_model(path, vae=vae, prediction_type="v_prediction" if settings.model_v_pred else None,
+                        device=device, dtype=dtype, log=log_fn)
+    vae_dtype = resolve_precision(settings.train_VAE_precision, device)
+    bundle.vae.to(dtype=vae_dtype)
+    info = {"name": path.stem, "sha256": _file_sha256(path), "vae": Path(vae).name if vae else ""}
+    info["hash"] = info["sha256"][:10]
+    return bundle, info
+
+
+def write_run_json(settings: Settings, run: Run, json_dir: Path) -> Path:
+    from .settings import write_json_atomic
+    day = run.started.strftime("%Y%m%d")
+    path = json_dir / day / f"{settings.save_lora_name}-{run.stamp}.json"
+    data = settings.to_dict("ours")
+    data["_run"] = {"seed": run.seed, "model": run.model_info, "started": run.started.isoformat(),
+                    "saved": [str(p) for p in run.saved], "csv": str(run.csv_path) if run.csv_path else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return path
+
+
+def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None, model_info: Optional[dict] = None,
+            events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
+            log_dir: Optional[Path] = None, json_dir: Optional[Path] = None, device=None) -> JobResult:
+    t0 = time.time()
+    lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
+    events = events or EventBus([ConsoleProgress()])
+    settings.validate_for_run(check_files=True)
+    check_output(settings, lora_dir)
+    mode = mode_module(settings.mode)
+    prepared = mode.prepare(settings)           # model-free input checks (folders, images, pairs)
+    if bundle is None:
+        bundle, model_info = load_bundle(settings, device, log_fn=lambda m: events.emit(RunEvent("message", m)))
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    paths = RunPaths(lora_dir, Path(log_dir or ROOT / "logs"), Path(json_dir or ROOT / "json"))
+    run = Run(settings, bundle, paths, events, stop, model_info)
+    status = "done"
+    try:
+        mode.run(run, prepared)
+    except Stopped:
+        status = "stopped"
+    finally:
+        if run.csv is not None:
+            run.csv.close()
+    json_path = write_run_json(settings, run, paths.json_dir) if settings.save_as_json else None
+    events.emit(RunEvent(status, f"{status}: {len(run.saved)} file(s) written in {time.time() - t0:.0f}s"))
+    return JobResult(status, list(run.saved), run.csv_path, json_path, time.time() - t0)
