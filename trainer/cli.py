@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, action="append",
                    help="repeat for several prompts: one grid row per prompt")
     g.add_argument("--negative", default="")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file at a weight (default 1); repeatable")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg", type=float, default=5.0)
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
     pt.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     return parser
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_to_file
     path = generate_to_file(
-        prompts=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        prompts=args.prompt, loras=args.lora, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
         size=args.size, sampler=args.sampler, clip_skip=args.clip_skip, num_images=args.num_images,
         output=Path(args.output), model=args.model, vae=args.vae, prediction=args.prediction,
         tokenizer=args.tokenizer, device=args.device, log=lambda m: print(m, file=sys.stderr))
@@ -105,17 +108,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain.main(args.pretrain_args)
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    return demo.main(args.demo_args)
 
 
-PASS_THROUGH = {"toy": ("toy", "toy_args"), "pretrain-tiny": ("pretrain", "pretrain_args")}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+
+
+PASS_THROUGH = {"toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:   # sub-tools with their own argument parsers
-        _, attr = PASS_THROUGH[argv[0]]
-        return COMMANDS[argv[0]](argparse.Namespace(**{attr: argv[1:]}))
+        return COMMANDS[argv[0]](argparse.Namespace(**{PASS_THROUGH[argv[0]]: argv[1:]}))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -61,7 +61,35 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], seeds: Sequence[int], 
     return images
 
 
-def generate_to_file(*, prompts: Sequence[str], output: Path, negative: str = "", seed: int = 0, steps: int = 20,
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """``PATH[:WEIGHT]`` (a Windows drive letter is not mistaken for a weight)."""
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not (len(head) == 1 and head.isalpha()):
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            path = text
+    return Path(path), weight
+
+
+def apply_loras(bundle: ModelBundle, loras: Sequence[tuple]) -> list:
+    """Load LoRA files onto the bundle at their weights; returns the networks (call ``.remove()`` to undo)."""
+    from .networks import load_lora, network_from_state_dict
+    nets = []
+    for path, weight in loras:
+        if not Path(path).is_file():
+            raise UserError(f"--lora: {path} not found")
+        tensors, _ = load_lora(path)
+        net = network_from_state_dict(bundle, tensors, source=str(path)).to(bundle.device)
+        net.requires_grad_(False)
+        net.multiplier = float(weight)
+        net.apply_to(bundle)
+        nets.append(net)
+    return nets
+
+
+def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[str] = (), negative: str = "", seed: int = 0, steps: int = 20,
                      cfg: float = 5.0, size=None, sampler: str = "ddim", clip_skip=None, num_images: int = 1,
                      model=None, vae=None, prediction=None, tokenizer=None, device=None,
                      log: Callable[[str], None] = print) -> Path:
@@ -73,8 +101,13 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, negative: str = ""
         raise UserError(f"{output.parent}: output folder does not exist")
     if num_images < 1:
         raise UserError("--num-images must be at least 1")
+    parsed = [parse_lora_arg(x) for x in loras]
+    for path, _ in parsed:
+        if not path.is_file():
+            raise UserError(f"--lora: {path} not found")
     bundle = load_model_or_default(model, vae=vae, prediction_type=prediction, tokenizer=tokenizer,
                                    device=device, log=log)
+    apply_loras(bundle, parsed)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = [seed + i for i in range(num_images)]
     imgs = generate(bundle, [p for p in prompts for _ in seeds], seeds * len(prompts), negative=negative,

@@ -58,6 +58,11 @@ def load_bundle(settings: Settings, device=None, log_fn: Optional[Callable[[str]
     device = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dtype = resolve_precision(settings.train_model_precision, device)
     path = Path(settings.model_checkpoint) if settings.model_checkpoint else DEFAULT_MODEL
+    if not settings.model_checkpoint and not path.is_file():
+        from .models.loader import random_tiny_bundle
+        if log_fn:
+            log_fn("note: the embedded tiny model is not built yet; using a RANDOM-INITIALISED tiny SD1 model")
+        return random_tiny_bundle(device=device), {"name": "random-tiny"}
     if not path.is_file():
         raise UserError(f"model_checkpoint: {path} does not exist")
     vae = settings.model_vae if settings.model_vae and settings.model_vae.lower() != "none" else None

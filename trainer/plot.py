@@ -1,0 +1,101 @@
+"""Loss CSVs → a matplotlib figure: raw loss (faint), its EMA, and the learning rate on a second axis.
+
+Reads our CSV (``step,loss,loss_ema,lr[,lr_te],elapsed_s``) and TrainTrain's (a ``key,value``
+preamble, then a ``Step,Loss,Learning Rate…`` table). Figures use the object-oriented API
+only (no pyplot state), so plotting from a UI thread is safe.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+
+@dataclass
+class Series:
+    name: str
+    steps: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+
+    def ema(self, alpha: float = 0.1) -> list:
+        out, value = [], None
+        for x in self.loss:
+            value = x if value is None else (1 - alpha) * value + alpha * x
+            out.append(value)
+        return out
+
+
+def _float(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_loss_csv(path: Path) -> Series:
+    """Either format; an unterminated last row (a run that crashed mid-write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: loss CSV not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.reader(text.splitlines()))
+    header_at = next((i for i, r in enumerate(rows) if r and r[0].strip().lower() == "step"), None)
+    if header_at is None:
+        raise UserError(f"{path}: not a loss CSV (no step column)")
+    header = [h.strip().lower() for h in rows[header_at]]
+    try:
+        i_step, i_loss = header.index("step"), header.index("loss")
+    except ValueError:
+        raise UserError(f"{path}: not a loss CSV (no loss column)") from None
+    i_lr = next((i for i, h in enumerate(header) if h in ("lr", "learning rate", "learning_rate")), None)
+    series = Series(path.stem)
+    for row in rows[header_at + 1:]:
+        if len(row) <= max(i_step, i_loss):
+            continue
+        step, loss = _float(row[i_step]), _float(row[i_loss])
+        if step is None or loss is None:
+            continue
+        series.steps.append(int(step))
+        series.loss.append(loss)
+        series.lr.append(_float(row[i_lr]) if i_lr is not None and i_lr < len(row) else None)
+    return series
+
+
+def figure(series: Sequence[Series], title: str = ""):
+    """One figure: each run's raw loss faint, its EMA solid, LR dashed on the right axis."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax_lr = ax.twinx()
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, s in enumerate(series):
+        c = colors[i % len(colors)]
+        ax.plot(s.steps, s.loss, color=c, alpha=0.25, linewidth=0.8)
+        ax.plot(s.steps, s.ema(), color=c, linewidth=1.8, label=s.name)
+        lr = [(x, y) for x, y in zip(s.steps, s.lr) if y is not None]
+        if lr:
+            ax_lr.plot([x for x, _ in lr], [y for _, y in lr], color=c, linestyle="--", linewidth=1.0, alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (EMA solid, raw faint)")
+    ax_lr.set_ylabel("learning rate (dashed)")
+    if series:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or (series[0].name if len(series) == 1 else f"{len(series)} runs"))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_files(paths: Sequence[Path], output: Path, title: str = "") -> Path:
+    output = Path(output)
+    fig = figure([read_loss_csv(p) for p in paths], title)
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(output)
+    return output
