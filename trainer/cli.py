@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
     pt.add_argument("pretrain_args", nargs=argparse.REMAINDER)
@@ -113,10 +114,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.demo_args)
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    return bench.main(args.bench_args)
 
 
-PASS_THROUGH = {"toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args"}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "bench": cmd_bench, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+
+
+PASS_THROUGH = {"toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args", "bench": "bench_args"}
 
 
 def main(argv: list[str] | None = None) -> int:
