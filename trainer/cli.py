@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
+    sub.add_parser("inspect", help="JSON report of a LoRA file: keys, modules per block, norms, metadata")
     sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
@@ -119,23 +120,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "bench": cmd_bench, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import inspect_lora
+    return inspect_lora.main(args.inspect_args)
 
 
-PASS_THROUGH = {"toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args", "bench": "bench_args"}
+COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "bench": cmd_bench, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+
+
+PASS_THROUGH = {"inspect": "inspect_args", "toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args", "bench": "bench_args"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:   # sub-tools with their own argument parsers
-        return COMMANDS[argv[0]](argparse.Namespace(**{PASS_THROUGH[argv[0]]: argv[1:]}))
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+        command, args = argv[0], argparse.Namespace(**{PASS_THROUGH[argv[0]]: argv[1:]})
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        command = args.command
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[command](args)
     except UserError as e:
         if os.environ.get("SHINKANSEN_DEBUG"):
             raise
