@@ -147,3 +147,14 @@ def test_interrupted_run_resumes_to_the_same_lora(tmp_path, dataset):
     a, _ = load_lora(full.saved[0])
     b, _ = load_lora(resumed.saved[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_images_every_n_steps(tmp_path, dataset, bundle):
+    s = settings(dataset, sample_every_n_steps=3, sample_prompts=["zq", "a red circle"])
+    result, rec = _job(tmp_path, s, bundle)
+    samples = [e for e in rec.runs if isinstance(e, RunEvent) and e.kind == "sample"]
+    assert [(e.data["step"], e.message) for e in samples] == [(3, "zq"), (3, "a red circle"), (6, "zq"),
+                                                              (6, "a red circle")]
+    from PIL import Image
+    assert all(Image.open(e.path).size == (64, 64) for e in samples)
+    assert bundle.unet.training is False

@@ -94,7 +94,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = settings.apply_set_args(args.set)
     if args.model:
         settings = settings.with_overrides(model_checkpoint=args.model)
-    result = run_job(settings, lora_dir=Path(args.lora_dir) if args.lora_dir else None, device=args.device)
+    import signal
+    from .engine import StopRequest
+    stop = StopRequest()
+
+    def on_interrupt(signum, frame):   # first Ctrl-C: Stop & Save; a second one aborts
+        if stop.mode is None:
+            print("\nstopping after this step and saving (Ctrl-C again to abort)", file=sys.stderr)
+            stop.request("save")
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = run_job(settings, lora_dir=Path(args.lora_dir) if args.lora_dir else None, device=args.device,
+                         stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for p in result.saved:
         print(f"saved: {p}")
     return 0 if result.status == "done" else 3

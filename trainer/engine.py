@@ -266,6 +266,8 @@ class Run:
             self.events.emit(StepEvent(step, total, loss_value, loss_ema, lr_unet, lr_te, rate,
                                        (total - step) / max(rate, 1e-9), now - t0,
                                        peak_memory_mb(self.device), phase))
+            if s.sample_every_n_steps and step % s.sample_every_n_steps == 0:
+                self._swap_eval(optimizer, lambda: self.sample(network, step, phase))
             if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < total:
                 self._swap_eval(optimizer, lambda: (on_save or (lambda k: self.save(network, s, steps=k,
                                                                                      step_suffix=k)))(step))
@@ -276,6 +278,34 @@ class Run:
         if s.save_state:
             self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
+
+    def sample(self, network, step: int, phase: str = "") -> list[Path]:
+        """Preview images of ``sample_prompts`` with the network at weight 1 (fixed seeds: comparable over steps)."""
+        from .generate import generate
+        prompts = [p for p in self.settings.sample_prompts if p.strip()]
+        if not prompts:
+            return []
+        folder = self.paths.log_dir / "samples" / f"{self.settings.save_lora_name}-{self.stamp}"
+        folder.mkdir(parents=True, exist_ok=True)
+        modules = [self.bundle.unet, *self.bundle.text_encoders]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with network.at(1.0):
+                images = generate(self.bundle, prompts, [self.seed] * len(prompts), steps=20, cfg=5.0,
+                                  size=tuple(self.settings.image_size))
+        finally:
+            for m, was in zip(modules, modes):
+                m.train(was)
+        paths = []
+        tag = f"{phase.replace(' ', '')}_" if phase else ""
+        for i, image in enumerate(images):
+            path = folder / f"{tag}step{step:06d}_{i}.png"
+            image.save(path)
+            paths.append(path)
+            self.events.emit(RunEvent("sample", prompts[i], path=str(path), data={"step": step}))
+        return paths
 
     def _swap_eval(self, optimizer, fn: Callable[[], Any]) -> None:
         if is_schedule_free(optimizer):
