@@ -107,6 +107,8 @@ class Run:
         self.csv: Optional[CsvLogger] = None
         self.csv_path: Optional[Path] = None
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
+        # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
+        self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
 
     # ------------------------------------------------------------------ helpers for modes
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -114,6 +116,9 @@ class Run:
 
     def precision(self, which: str, settings: Optional[Settings] = None) -> torch.dtype:
         return resolve_precision(getattr(settings or self.settings, which), self.device)
+
+    def encode_prompts(self, prompts, size=None) -> dict:
+        return self.prompt_encoder(list(prompts), size=size, clip_skip=self.settings.clip_skip)
 
     def message(self, text: str) -> None:
         log.info(text)

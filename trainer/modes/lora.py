@@ -9,21 +9,16 @@ import torch
 
 from ..data import BucketBatchSampler, DatasetOptions, collate, encode_dataset, load_dataset
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
-from ..networks import NetworkSpec, create_network, resume_network
-
-BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+from .common import background_rgb, new_network, training
 
 
 def dataset_options(s) -> DatasetOptions:
-    bg = BACKGROUNDS.get(str(s.image_alpha_background).lower())
-    if bg is None:
-        bg = tuple(int(v) for v in str(s.image_alpha_background).split(","))
     return DatasetOptions(image_size=tuple(s.image_size), image_buckets_step=s.image_buckets_step,
                           image_min_length=s.image_min_length, image_max_ratio=s.image_max_ratio,
                           image_num_multiply=s.image_num_multiply or 1, sub_image_num=s.sub_image_num,
                           image_mirroring=s.image_mirroring, image_use_filename_as_tag=s.image_use_filename_as_tag,
                           image_disable_upscale=s.image_disable_upscale, lora_trigger_word=s.lora_trigger_word,
-                          background=bg, alpha_mask=s.image_masked_loss)
+                          background=background_rgb(s.image_alpha_background), alpha_mask=s.image_masked_loss)
 
 
 def prepare(s):
@@ -31,10 +26,17 @@ def prepare(s):
     return load_dataset(s.lora_data_directory, dataset_options(s))
 
 
-def network_spec(s, seed: int) -> NetworkSpec:
-    return NetworkSpec(network_type=s.network_type, rank=s.network_rank, alpha=s.network_alpha,
-                       conv_rank=s.network_conv_rank, conv_alpha=s.network_conv_alpha, dora=s.network_dora,
-                       blocks=list(s.network_blocks), element=s.network_element, seed=seed)
+def caption_conditioning(run, captions, size, cache: dict, train_te: bool) -> dict:
+    """Per-batch conditioning; cached per caption when the text encoder is frozen (SDXL: size ids per bucket)."""
+    bundle = run.bundle
+    if train_te:
+        return run.encode_prompts(captions, size=size)
+    conds = [cache[c] for c in captions]
+    out = {"context": torch.cat([c["context"] for c in conds])}
+    if "y" in conds[0]:
+        pooled = torch.cat([c["y"][:, :-1536] for c in conds])
+        out["y"] = torch.cat([pooled, bundle.size_embedding(len(captions), size, (0, 0), size, pooled)], dim=-1)
+    return out
 
 
 def run(run, dataset=None) -> None:
@@ -42,40 +44,20 @@ def run(run, dataset=None) -> None:
     dataset = dataset or prepare(s)
     for line in dataset.report.lines():
         run.message(line)
-    cache = (run.paths.log_dir / "latent_cache") if s.latent_cache_to_disk else None
+    cache_dir = (run.paths.log_dir / "latent_cache") if s.latent_cache_to_disk else None
     run.message(f"encoding {len(dataset.placements)} images")
-    samples = encode_dataset(dataset.placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache)
-    network = create_network(bundle, network_spec(s, run.seed), dtype=run.precision("train_lora_precision"))
-    if s.network_resume:
-        resume_network(network, s.network_resume)
-    network.apply_to(bundle)
+    samples = encode_dataset(dataset.placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
+    network = new_network(run, s)
     try:
         train_te = network.te_count() > 0
-        cache_text = {}
+        text_cache = {}
         if not train_te:
             with torch.no_grad():
                 for caption in sorted({x.caption for x in samples}):
-                    cache_text[caption] = bundle.encode_prompts([caption], clip_skip=s.clip_skip)
+                    text_cache[caption] = run.encode_prompts([caption])
         sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
-        bundle.unet.set_gradient_checkpointing(s.use_gradient_checkpointing)
-        for te in bundle.text_encoders:
-            te.set_gradient_checkpointing(s.use_gradient_checkpointing and train_te)
-        if train_te:
-            for te in bundle.text_encoders:
-                te.train()
-        bundle.unet.train()
         schedule, pred_type = bundle.schedule, bundle.prediction_type
-
-        def conditioning(captions, size):
-            if train_te:
-                return bundle.encode_prompts(captions, size=size, clip_skip=s.clip_skip)
-            conds = [cache_text[c] for c in captions]
-            out = {"context": torch.cat([c["context"] for c in conds])}
-            if "y" in conds[0]:
-                y = torch.cat([c["y"][:, :-1536] for c in conds])    # pooled text; size ids for this bucket
-                out["y"] = torch.cat([y, bundle.size_embedding(len(captions), size, (0, 0), size, y)], dim=-1)
-            return out
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = collate(samples, next(sampler), gen)
@@ -84,7 +66,7 @@ def run(run, dataset=None) -> None:
             noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount)
             t = sample_timesteps(x0.shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
-            cond = conditioning(batch["captions"], size)
+            cond = caption_conditioning(run, batch["captions"], size, text_cache, train_te)
             pred = bundle.unet_call(schedule.add_noise(x0, noise, t).to(bundle.dtype), t, cond)
             mask = batch["mask"].to(run.device) if (s.image_masked_loss and batch["mask"] is not None) else None
             return denoising_loss(pred, x0, noise, t, schedule, pred_type, s.train_loss_function,
@@ -96,10 +78,8 @@ def run(run, dataset=None) -> None:
             "ss_dataset_dirs": {str(s.lora_data_directory): {"n_repeats": 1, "img_count": len(dataset.records)}},
             "ss_resolution": str(tuple(s.image_size)),
         })
-        result = run.train(loss_fn, network, state=sampler)
+        with training(run, s, train_te):
+            result = run.train(loss_fn, network, state=sampler)
         run.save(network, steps=result.steps)
     finally:
         network.remove()
-        bundle.unet.eval()
-        for te in bundle.text_encoders:
-            te.eval()
