@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = {"LoRA": "lora"}
+MODULES = {"LoRA": "lora", "iLECO": "ileco", "Difference": "difference", "ADDifT": "addift",
+           "Multi-ADDifT": "addift"}
 
 
 def mode_module(name: str):
