@@ -371,7 +371,10 @@ class Run:
         except Exception as e:
             raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
         if data.get("phase", "") != phase:
-            raise UserError(f"train_resume_state: {path} belongs to phase {data.get('phase')!r}, not {phase!r}")
+            # e.g. a Difference state saved in pass 2: pass 1 reruns from its seed (deterministic), pass 2 resumes
+            self.message(f"train_resume_state is for {data.get('phase') or 'the run'}; {phase or 'this pass'} "
+                         "runs from the start")
+            return 0, None
         network.load_state_dict(data["network"])
         optimizer.load_state_dict(data["optimizer"])
         scheduler.load_state_dict(data["scheduler"])
