@@ -18,7 +18,8 @@ import torch
 from ..data import BucketBatchSampler, discover_pairs, encode_dataset
 from ..diffusion import loss_per_sample, make_noise, sample_timesteps, snr_weights
 from ..networks import networks_off
-from .common import background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training
+from .common import (background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training,
+                     without_text_encoder)
 from .lora import caption_conditioning, dataset_options
 
 
@@ -46,11 +47,6 @@ def _step_loss(run, s, network, a, b, cond, t, noise, step, mask=None) -> torch.
     return (per * snr_weights(bundle.schedule, t, s.train_snr_gamma, bundle.prediction_type)).mean()
 
 
-def _no_base(s):
-    return s.with_overrides(network_blocks=[x for x in s.network_blocks if x != "BASE"]) \
-        if "BASE" in s.network_blocks else s
-
-
 def run(run, prepared=None) -> None:
     s, bundle = run.settings, run.bundle
     prepared = prepared if prepared is not None else prepare(s)
@@ -64,7 +60,7 @@ def run(run, prepared=None) -> None:
     size = (a.shape[-2] * 8, a.shape[-1] * 8)
     with torch.no_grad():
         cond = repeat_cond(run.encode_prompts([s.lora_trigger_word], size=size), s.train_batch_size)
-    s = _no_base(s)
+    s = without_text_encoder(run, s)
     network = new_network(run, s)
     network.multiplier = 0.0
     try:
@@ -96,7 +92,7 @@ def _run_multi(run, s, pairs, gen) -> None:
         origs, targs = targs, origs
     with torch.no_grad():
         text = {c: run.encode_prompts([c]) for c in sorted({x.caption for x in origs})}
-    s = _no_base(s)
+    s = without_text_encoder(run, s)
     network = new_network(run, s)
     network.multiplier = 0.0
     sampler = BucketBatchSampler.from_samples(origs, s.train_batch_size, run.seed)

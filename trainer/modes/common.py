@@ -33,6 +33,14 @@ def network_spec(s, seed: int) -> NetworkSpec:
                        blocks=list(s.network_blocks), element=s.network_element, seed=seed)
 
 
+def without_text_encoder(run, s):
+    """Settings without BASE: with prompts encoded once, a text-encoder LoRA would never get a gradient."""
+    if "BASE" not in s.network_blocks:
+        return s
+    run.message(f"{s.mode} trains the UNet only; BASE (text encoder) is left out")
+    return s.with_overrides(network_blocks=[b for b in s.network_blocks if b != "BASE"])
+
+
 def new_network(run, s, seed_offset: int = 0, resume: bool = True):
     """A fresh network from settings ``s``, resumed from ``network_resume`` if set, applied to the bundle."""
     network = create_network(run.bundle, network_spec(s, run.seed + seed_offset),

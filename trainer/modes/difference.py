@@ -16,7 +16,8 @@ import torch
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
 from ..errors import UserError
 from ..networks import load_lora, network_from_state_dict
-from .common import background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training
+from .common import (background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training,
+                     without_text_encoder)
 
 COPY_SUFFIX = "_copy"
 
@@ -62,17 +63,16 @@ def run(run, prepared=None) -> None:
     with torch.no_grad():
         cond = run.encode_prompts([s1.lora_trigger_word], size=size)
     run.extra_metadata.update({"ss_resolution": str(size), "ss_num_train_images": 2})
-    no_base = lambda s: s.with_overrides(network_blocks=[x for x in s.network_blocks if x != "BASE"]) \
-        if "BASE" in s.network_blocks else s   # one fixed prompt: the text encoder gets no gradient
 
+    s1n = without_text_encoder(run, s1)
     if copier_file is not None:
         tensors, _ = load_lora(copier_file)
         copier = network_from_state_dict(bundle, tensors, source=str(copier_file)).to(run.device).apply_to(bundle)
         run.message(f"copier loaded from {copier_file}")
     else:
-        copier = new_network(run, no_base(s1), seed_offset=1, resume=False)
+        copier = new_network(run, s1n, seed_offset=1, resume=False)
         try:
-            result = _denoise_pass(run, no_base(s1), copier, orig, cond, "pass 1", "noise1")
+            result = _denoise_pass(run, s1n, copier, orig, cond, "pass 1", "noise1")
         except BaseException:
             copier.remove()
             raise
@@ -85,7 +85,7 @@ def run(run, prepared=None) -> None:
     try:
         copier.freeze()
         copier.multiplier = 1.0
-        s2n = no_base(s2)
+        s2n = without_text_encoder(run, s2)
         network = new_network(run, s2n, seed_offset=2, resume=False)
         try:
             # Both the copier and the new LoRA are on for the trained prediction (hooks add up).

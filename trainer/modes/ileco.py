@@ -12,7 +12,7 @@ import torch
 
 from ..diffusion import loss_per_sample, sample_timesteps, snr_weights
 from ..networks import networks_off
-from .common import new_network, repeat_cond, training
+from .common import new_network, repeat_cond, training, without_text_encoder
 
 
 def prepare(s):
@@ -25,9 +25,7 @@ def run(run, prepared=None) -> None:
     with torch.no_grad():
         c_orig = run.encode_prompts([s.original_prompt], size=(h, w))
         c_targ = run.encode_prompts([s.target_prompt], size=(h, w))
-    if "BASE" in s.network_blocks:   # prompts are encoded once: a text-encoder LoRA would get no gradient
-        run.message("iLECO trains the UNet only; BASE (text encoder) is left out")
-        s = s.with_overrides(network_blocks=[b for b in s.network_blocks if b != "BASE"])
+    s = without_text_encoder(run, s)
     network = new_network(run, s)
     try:
         gen = run.register_generator("noise", run.generator(1))
