@@ -89,7 +89,12 @@ def write_run_json(settings: Settings, run: Run, json_dir: Path) -> Path:
 
 def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None, model_info: Optional[dict] = None,
             events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
-            log_dir: Optional[Path] = None, json_dir: Optional[Path] = None, device=None) -> JobResult:
+            log_dir: Optional[Path] = None, json_dir: Optional[Path] = None, device=None,
+            prompt_encoder: Optional[Callable[..., dict]] = None) -> JobResult:
+    """Run ``settings`` to the end (or a stop); ``bundle`` given = train on it instead of loading a file.
+
+    ``prompt_encoder`` replaces ``bundle.encode_prompts`` (the WebUI passes its prompt parser).
+    """
     t0 = time.time()
     lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
     events = events or EventBus([ConsoleProgress()])
@@ -102,6 +107,8 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(lora_dir, Path(log_dir or ROOT / "logs"), Path(json_dir or ROOT / "json"))
     run = Run(settings, bundle, paths, events, stop, model_info)
+    if prompt_encoder is not None:
+        run.prompt_encoder = prompt_encoder
     status = "done"
     try:
         mode.run(run, prepared)
