@@ -85,6 +85,10 @@ GROUPS = ("required", "optional")
 _JOB_FIELDS = ("mode", "model_checkpoint", "model_vae", "original_prompt", "target_prompt",
                "original_image", "target_image")
 
+#: Fields holding one image file: the UI offers an upload for them and a queued job keeps its own copy
+#: (so the queue never depends on the browser's temporary upload files).
+IMAGE_FIELDS = ("original_image", "target_image")
+
 IGNORED_KEYS: dict[str, str] = {
     "network_train_text_encoder": "TrainTrain never read it; the text encoder is trained when BASE is "
                                   "in network_blocks",
