@@ -99,3 +99,30 @@ def plot_files(paths: Sequence[Path], output: Path, title: str = "") -> Path:
     fig.savefig(tmp, format="png")
     tmp.replace(output)
     return output
+
+
+# --------------------------------------------------------------------------- runs in the logs folder
+def list_runs(logs_dir: Path) -> list[Path]:
+    """Loss CSVs under ``logs_dir`` (``DATE/NAME-STAMP.csv`` and TrainTrain's), newest first."""
+    logs_dir = Path(logs_dir)
+    if not logs_dir.is_dir():
+        return []
+    found = [p for p in logs_dir.rglob("*.csv") if p.is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def run_in_logs(logs_dir: Path, name: str) -> Path:
+    """``name`` (relative to ``logs_dir``) as a path, refusing anything outside the logs folder."""
+    root = Path(logs_dir).resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or path.suffix.lower() != ".csv":
+        raise UserError(f"{name}: pick a loss CSV inside the logs folder {root}")
+    if not path.is_file():
+        raise UserError(f"{name}: no such run in {root}")
+    return path
+
+
+def series_dict(series: Series) -> dict:
+    """JSON form of a run for the HTTP API: steps, raw loss, its EMA and the LR."""
+    return {"name": series.name, "steps": series.steps, "loss": series.loss, "loss_ema": series.ema(),
+            "lr": series.lr}
