@@ -65,6 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect", help="JSON report of a LoRA file: keys, modules per block, norms, metadata")
     sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
+    from .server import add_serve_args
+    sv = sub.add_parser("serve", help="serve the tab and the HTTP API (the default with no command)")
+    add_serve_args(sv)
+
+    q = sub.add_parser("queue", help="the job queue the app runs: add, list, rm")
+    qsub = q.add_subparsers(dest="queue_command", required=True)
+    qa = qsub.add_parser("add", help="queue a job from a settings/preset JSON (ours or TrainTrain's)")
+    qa.add_argument("job", help="JSON file")
+    qa.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    qa.add_argument("--front", action="store_true", help="run it next")
+    ql = qsub.add_parser("list", help="jobs in queue order")
+    ql.add_argument("--json", action="store_true", help="machine-readable output")
+    qr = qsub.add_parser("rm", help="delete jobs that are not running")
+    qr.add_argument("ids", nargs="+", type=int)
+    for sp in (qa, ql, qr):
+        sp.add_argument("--root", default=None, help="extension folder holding jobs.sqlite (default: this checkout)")
+        sp.add_argument("--lora-dir", help="LoRA folder the app writes to (checked for existing files on add)")
+
+    pl = sub.add_parser("plot", help="plot loss CSVs (ours or TrainTrain's) to a PNG")
+    pl.add_argument("csv", nargs="+")
+    pl.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pl.add_argument("--title", default="")
+
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
     pt.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     return parser
@@ -141,7 +164,56 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_lora.main(args.inspect_args)
 
 
-COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "bench": cmd_bench, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    return serve(args)
+
+
+def _queue_host(args: argparse.Namespace):
+    from .engine import ROOT
+    from .host import Host
+    root = Path(args.root).resolve() if args.root else ROOT
+    return Host(root=root, lora_dir=Path(args.lora_dir).resolve() if args.lora_dir else root / "output")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Works on the database directly (no worker here): a running app picks added jobs up within a second."""
+    import json
+    from .jobs import JobQueue
+    from .settings import Settings
+    queue = JobQueue(_queue_host(args))
+    if args.queue_command == "add":
+        path = Path(args.job)
+        if not path.is_file():
+            raise UserError(f"{path}: job file not found")
+        settings = Settings.from_json(path).apply_set_args(args.set)
+        job = queue.add(settings, front=args.front)
+        print(f"added: job #{job.id} {job.name} ({job.mode})")
+    elif args.queue_command == "list":
+        jobs = queue.list()
+        if args.json:
+            print(json.dumps([j.to_dict(with_settings=False) for j in jobs], indent=1))
+        for j in [] if args.json else jobs:
+            print(f"#{j.id:<4} {j.state:<11} {j.mode:<12} {j.name:<24} {j.message}")
+    else:
+        for job_id in args.ids:
+            job = queue.delete(job_id)
+            print(f"deleted: job #{job.id} {job.name}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_files
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: the output must be a .png file")
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: output folder does not exist")
+    print(f"saved: {plot_files([Path(c) for c in args.csv], out, args.title)}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "queue": cmd_queue, "plot": cmd_plot, "inspect": cmd_inspect, "generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "bench": cmd_bench, "toy": cmd_toy, "pretrain-tiny": cmd_pretrain}
 
 
 PASS_THROUGH = {"inspect": "inspect_args", "toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args", "bench": "bench_args"}
@@ -153,10 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         command, args = argv[0], argparse.Namespace(**{PASS_THROUGH[argv[0]]: argv[1:]})
     else:
         parser = build_parser()
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+            argv = ["serve", *argv]          # no command: serve the app
         args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
         command = args.command
     try:
         return COMMANDS[command](args)
