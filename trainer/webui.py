@@ -334,7 +334,7 @@ def job_queue():
 def ui_tabs() -> list:
     try:
         from .ui import build_tab
-        blocks = build_tab(host())
+        blocks = build_tab(host(), job_queue())
     except Exception as e:  # noqa: BLE001 - an unsupported environment gets a tab saying so, not a dead WebUI
         log.exception("Shinkansen: could not build the tab")
         blocks = _unsupported_tab(f"{type(e).__name__}: {e}")
@@ -360,9 +360,10 @@ def ui_settings() -> None:
 def app_started(demo, app) -> None:
     """API routes under /shinkansen/v1, behind ``--api-auth`` when it is set."""
     from .api import register_api
+    credentials = api_credentials()
     h = host()
-    h.auth = next(iter(api_credentials().items()), None)
-    register_api(app, job_queue(), h, auth=h.auth)
+    h.auth = next(iter(credentials.items()), None)
+    register_api(app, job_queue(), h, auth=credentials or None)
 
 
 def script_unloaded() -> None:
