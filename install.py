@@ -1,8 +1,10 @@
 """Install what Shinkansen needs, in the WebUI or standalone, without ever replacing a package.
 
 Inside AUTOMATIC1111 this file is run by the WebUI at every launch (``import launch``
-works there): it installs only missing packages through ``launch.run_pip`` and leaves
-everything the WebUI pinned (torch, transformers, gradio, safetensors, ...) alone.
+works there): it installs only missing packages through ``launch.run_pip``, with every
+installed package pinned at its version (a pip constraints file), so nothing the WebUI
+pinned (torch, transformers, gradio, safetensors, ...) is ever up- or downgraded.
+``--skip-install`` is honoured.
 
 Standalone (``python install.py``) it installs what is missing from ``requirements.txt``;
 a package that is already installed is kept even if its version differs (a warning says
@@ -80,14 +82,68 @@ def pip_install(specs: list[str]) -> None:
             subprocess.check_call([sys.executable, "-m", "pip", "install", *group])
 
 
-def install_webui() -> None:
-    import launch  # noqa: F401  (only importable inside the WebUI's installer subprocess)
+def installed_distributions() -> dict[str, str]:
+    """Canonical name -> version of everything installed in this interpreter."""
+    out = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] if dist.metadata else None
+        if name and dist.version:
+            out.setdefault(_canonical(name), dist.version)
+    return out
+
+
+def constraints_text(installed: dict[str, str]) -> str:
+    """``name==version`` for every installed package: pip may add packages, never change one."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        Version, InvalidVersion = str, ValueError
+    lines = []
+    for name, version in sorted(installed.items()):
+        try:
+            Version(version)
+        except InvalidVersion:
+            continue   # pip could not parse the pin either; leave that package unconstrained
+        lines.append(f"{name}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def install_webui(launch=None) -> int:
+    """Missing packages through the WebUI's ``launch.run_pip``; every installed one is pinned as it is.
+
+    Presence is checked with ``launch.is_installed`` (the WebUI's own test), so a package the
+    WebUI already has is never touched, whatever version we would prefer. The constraints file
+    makes pip fail, instead of silently up- or downgrading, when a new package's dependencies
+    would need another version of something installed (torch, transformers, gradio, ...).
+    """
+    if launch is None:
+        import launch  # only importable inside the WebUI's installer subprocess
     if getattr(getattr(launch, "args", None), "skip_install", False):
-        return
-    for spec in read_requirements(ROOT / "requirements.txt"):
-        name = _name(spec)
-        if not launch.is_installed(name):  # presence only: the WebUI's own pins always win
-            launch.run_pip(f"install \"{spec}\"", f"{name} for Shinkansen")
+        print("[shinkansen] --skip-install: not installing anything")
+        return 0
+    todo = [s for s in read_requirements(ROOT / "requirements.txt") if not launch.is_installed(_name(s))]
+    if not todo:
+        return 0
+    import tempfile
+    fd, constraints = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
+    failed = []
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(constraints_text(installed_distributions()))
+        for spec in todo:
+            try:
+                launch.run_pip(f'install "{spec}" -c "{constraints}"', f"{_name(spec)} for Shinkansen")
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                failed.append(_name(spec))
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"[shinkansen] could not install {spec}: {first} (pip may not change installed "
+                      "packages here, so a dependency conflict fails instead)")
+    finally:
+        os.unlink(constraints)
+    if failed:
+        print(f"[shinkansen] not installed: {', '.join(failed)}; install them with the WebUI's Python, "
+              "e.g. venv/bin/python -m pip install NAME")
+    return 1 if failed else 0
 
 
 def setup_tf430_env() -> None:
@@ -113,9 +169,8 @@ def main(argv: list[str]) -> int:
     except ImportError:
         in_webui = False
     if in_webui and "--standalone" not in argv:
-        install_webui()
-    else:
-        install_standalone(with_tests="--test" in argv)
+        return install_webui()
+    install_standalone(with_tests="--test" in argv)
     return 0
 
 

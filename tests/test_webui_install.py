@@ -1,0 +1,108 @@
+"""install.py inside the WebUI: only what is missing, nothing the WebUI installed ever changes, --skip-install.
+
+The WebUI runs ``python install.py`` with its own folder on PYTHONPATH so that ``import launch``
+works; here ``launch`` is a fake with A1111 1.10's ``args``, ``is_installed`` and ``run_pip``.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBUI_PINS = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "gradio": "3.41.2", "safetensors": "0.4.2",
+              "fastapi": "0.94.0", "numpy": "1.26.2", "pillow": "9.5.0", "not-pep440": "latest-git"}
+
+
+@pytest.fixture
+def install(monkeypatch):
+    spec = importlib.util.spec_from_file_location("shinkansen_install", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "installed_distributions", lambda: dict(WEBUI_PINS))
+    return module
+
+
+class FakeLaunch:
+    """``launch`` as install.py sees it inside A1111 (presence-only ``is_installed``)."""
+
+    def __init__(self, installed, skip_install=False, failing=()):
+        self.args = SimpleNamespace(skip_install=skip_install)
+        self.installed, self.failing = set(installed), set(failing)
+        self.commands, self.constraints = [], []
+
+    def is_installed(self, package):
+        return package.lower() in self.installed
+
+    def run_pip(self, command, desc=None, live=False):
+        self.commands.append(command)
+        path = command.split(" -c ", 1)[1].strip().strip('"')
+        self.constraints.append(Path(path).read_text(encoding="utf-8"))
+        if any(f'"{name}' in command for name in self.failing):
+            raise RuntimeError(f"Couldn't install {desc}.\nCommand: pip {command}")
+
+
+def _requirement_names(install):
+    return [install._name(s).lower() for s in install.read_requirements(ROOT / "requirements.txt")]
+
+
+def test_installs_only_what_is_missing_with_everything_installed_pinned(install):
+    names = _requirement_names(install)
+    missing = {"lycoris-lora", "ftfy"}
+    launch = FakeLaunch(installed=set(names) - missing)
+    assert install.install_webui(launch) == 0
+    installed = sorted(c.split('"')[1].split("=")[0].split(">")[0] for c in launch.commands)
+    assert installed == sorted(missing)
+    pins = launch.constraints[0].splitlines()
+    for name in ("torch==2.1.2+cu121", "transformers==4.30.2", "gradio==3.41.2", "safetensors==0.4.2",
+                 "fastapi==0.94.0"):
+        assert name in pins
+    assert not any(p.startswith("not-pep440") for p in pins)   # pip could not read that pin
+    assert not any(Path(c.split(" -c ", 1)[1].strip('"')).exists() for c in launch.commands)   # cleaned up
+
+
+def test_an_installed_package_is_never_reinstalled_even_at_another_version(install):
+    # the WebUI (or Forge) has gradio 4.40 and transformers 4.46 while we list gradio==3.41.2, transformers>=4.30.2
+    names = _requirement_names(install)
+    launch = FakeLaunch(installed=names)
+    assert install.install_webui(launch) == 0
+    assert launch.commands == []
+
+
+def test_skip_install_installs_nothing(install, capsys):
+    launch = FakeLaunch(installed=(), skip_install=True)
+    assert install.install_webui(launch) == 0
+    assert launch.commands == [] and "--skip-install" in capsys.readouterr().out
+
+
+def test_one_failure_is_reported_and_the_rest_still_installed(install, capsys):
+    launch = FakeLaunch(installed=(), failing={"lycoris-lora"})
+    assert install.install_webui(launch) == 1
+    assert len(launch.commands) == len(_requirement_names(install))
+    out = capsys.readouterr().out
+    assert "could not install lycoris-lora" in out and "not installed: lycoris-lora" in out
+
+
+def test_run_by_the_webui_as_a_subprocess(tmp_path):
+    """As launch_utils.run_extension_installer does it: ``python install.py`` with the WebUI on PYTHONPATH."""
+    calls = tmp_path / "calls.json"
+    (tmp_path / "launch.py").write_text(
+        "import json, types\n"
+        "args = types.SimpleNamespace(skip_install=False)\n"
+        f"CALLS = {str(calls)!r}\n"
+        "def is_installed(name):\n    return name != 'pyyaml'\n"
+        "def run_pip(command, desc=None, live=False):\n"
+        "    path = command.split(' -c ', 1)[1].strip().strip('\"')\n"
+        "    json.dump({'command': command, 'pins': open(path).read()}, open(CALLS, 'w'))\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    call = json.loads(calls.read_text())
+    assert call["command"].startswith('install "pyyaml"')
+    import torch
+    assert f"torch=={torch.__version__}" in call["pins"].splitlines()   # this interpreter's real torch, pinned
