@@ -301,3 +301,13 @@ def test_paths_and_pickers_come_from_the_webui(webui, checkpoint):
     assert host.vaes()[0] == "None"
     mods["modules.shared"].cmd_opts.lora_dir = None
     assert adapter.lora_dir() == Path(mods["modules.paths"].models_path) / "Lora"
+
+
+def test_auto_precision_shares_half_weights_on_a_gpu(webui, monkeypatch):
+    adapter, _, _, _ = webui
+    cuda, cpu, half = torch.device("cuda"), torch.device("cpu"), torch.float16
+    monkeypatch.setattr(adapter, "resolve_precision", lambda name, device: torch.bfloat16)
+    assert adapter._precision("auto", half, cuda) == half                    # shared, no copy
+    assert adapter._precision("auto", half, cpu) == torch.bfloat16           # CPU: what standalone would pick
+    assert adapter._precision("fp32", half, cuda) == torch.float32           # asked for: copied
+    assert adapter._precision("auto", half, cuda, keep_half=False) == torch.bfloat16   # SDXL's fp16 VAE

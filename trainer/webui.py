@@ -64,9 +64,12 @@ def lora_dir() -> Path:
     return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"))
 
 
-def _precision(name: str, held: torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` keeps the WebUI's half precision on a GPU, so the weights are shared instead of copied."""
-    if name == "auto" and device.type != "cpu" and held in (torch.float16, torch.bfloat16):
+def _precision(name: str, held: torch.dtype, device: torch.device, keep_half: bool = True) -> torch.dtype:
+    """``auto`` keeps the WebUI's half precision on a GPU, so the weights are shared instead of copied.
+
+    ``keep_half=False`` for SDXL's VAE in fp16, which overflows when encoding (NaN latents).
+    """
+    if name == "auto" and keep_half and device.type != "cpu" and held in (torch.float16, torch.bfloat16):
         return held
     return DTYPES[name] if name in DTYPES else resolve_precision(name, device)
 
@@ -162,7 +165,8 @@ class WebUIHost(Host):
         vae_weight = next(model.first_stage_model.parameters())
         target = torch.device(device) if device is not None else unet_weight.device
         dtype = _precision(settings.train_model_precision, unet_weight.dtype, target)
-        vae_dtype = _precision(settings.train_VAE_precision, vae_weight.dtype, target)
+        vae_dtype = _precision(settings.train_VAE_precision, vae_weight.dtype, target,
+                               keep_half=not (getattr(model, "is_sdxl", False) and vae_weight.dtype == torch.float16))
         bundle = bundle_from_webui(model, dtype=dtype, vae_dtype=vae_dtype, device=target)
         loaded_vae = getattr(_optional("sd_vae"), "loaded_vae_file", None)
         vae = self._vae_file(settings.model_vae)
