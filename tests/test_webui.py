@@ -311,3 +311,25 @@ def test_auto_precision_shares_half_weights_on_a_gpu(webui, monkeypatch):
     assert adapter._precision("auto", half, cpu) == torch.bfloat16           # CPU: what standalone would pick
     assert adapter._precision("fp32", half, cuda) == torch.float32           # asked for: copied
     assert adapter._precision("auto", half, cuda, keep_half=False) == torch.bfloat16   # SDXL's fp16 VAE
+
+
+def test_a_queued_job_runs_through_the_webui_host(webui):
+    """The real queue worker with the WebUI host: lock, shared model, LoRA in --lora-dir, Lora list refreshed."""
+    import time
+    from trainer.jobs import JobQueue
+    adapter, host, model, mods = webui
+    before = _snapshot(model)
+    queue = JobQueue(host, poll_s=0.05).start()
+    try:
+        job = queue.add(Settings.from_dict(dict(ILECO, save_lora_name="queued")))
+        deadline = time.time() + 120
+        while queue.get(job.id).state in ("pending", "running") and time.time() < deadline:
+            time.sleep(0.1)
+        done = queue.get(job.id)
+    finally:
+        queue.close(timeout=30)
+    assert done.state == "done", done.message
+    assert mods["networks"].available_networks == ["queued.safetensors"]
+    assert mods["modules.call_queue"].queue_lock.holds == 1 and not mods["modules.call_queue"].queue_lock.locked()
+    assert [c[0] for c in mods["modules.prompt_parser"].calls] == [["red circle"], ["blue circle"]]
+    _assert_unchanged(model, before)
