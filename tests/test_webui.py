@@ -333,3 +333,21 @@ def test_a_queued_job_runs_through_the_webui_host(webui):
     assert mods["modules.call_queue"].queue_lock.holds == 1 and not mods["modules.call_queue"].queue_lock.locked()
     assert [c[0] for c in mods["modules.prompt_parser"].calls] == [["red circle"], ["blue circle"]]
     _assert_unchanged(model, before)
+
+
+def test_a_model_that_cannot_be_shared_is_read_from_its_file(webui, checkpoint):
+    """Forge-style engine objects (no ldm modules), or sharing turned off in Settings: our loader reads the file."""
+    from types import SimpleNamespace
+    adapter, host, model, mods = webui
+    settings = Settings.from_dict(ILECO)
+    forge = SimpleNamespace(sd_checkpoint_info=model.sd_checkpoint_info, forge_objects=object(), lowvram=False)
+    mods["modules.sd_models"].model_data.sd_model = forge
+    with host.job_context(settings):
+        bundle, info = host.bundle_for(settings)
+        assert bundle.source == str(checkpoint) and host.prompt_encoder(bundle) is None
+    mods["modules.sd_models"].model_data.sd_model = model
+    mods["modules.shared"].opts.data["shinkansen_share_model"] = False
+    with host.job_context(settings):
+        bundle, _ = host.bundle_for(settings)
+    assert bundle.source == str(checkpoint)
+    assert bundle.unet.input_blocks[0][0].weight.data_ptr() != model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()

@@ -74,6 +74,12 @@ def _precision(name: str, held: torch.dtype, device: torch.device, keep_half: bo
     return DTYPES[name] if name in DTYPES else resolve_precision(name, device)
 
 
+def _ldm_shaped(model) -> bool:
+    """A1111's layout (ldm/sgm modules); Forge's engine objects are not, so they load from the file."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return isinstance(unet, torch.nn.Module) and isinstance(getattr(model, "first_stage_model", None), torch.nn.Module)
+
+
 @dataclass
 class WebUIHost(Host):
     name: str = "webui"
@@ -153,9 +159,12 @@ class WebUIHost(Host):
         loaded_file = getattr(info, "filename", None)
         if picked is None and model is None:
             raise UserError("no model is loaded in the WebUI; load one or pick a checkpoint in the Model dropdown")
-        shareable = model is not None and (picked is None or self._same_file(picked, loaded_file))
-        if not (shareable and _option("shinkansen_share_model")):
+        same = model is not None and (picked is None or self._same_file(picked, loaded_file))
+        if not (same and _option("shinkansen_share_model") and _ldm_shaped(model)):
             from .runner import load_bundle
+            if picked is None and not loaded_file:
+                raise UserError("the WebUI's model cannot be shared and has no checkpoint file; "
+                                "pick a checkpoint in the Model dropdown")
             path = picked or Path(loaded_file)
             say(f"loading {path.name} from its file")
             return load_bundle(settings.with_overrides(model_checkpoint=str(path)), device, say)
@@ -195,6 +204,8 @@ class WebUIHost(Host):
             model = self.loaded_model(load=False)
             if model is not None:
                 self.refuse_lowvram(model)
+            if not isinstance(model, torch.nn.Module):   # not loaded, or a Forge engine object: nothing to guard
+                model = None
             snapshot = ModelSnapshot.capture(model) if model is not None else None
             with _parked_extras():
                 try:
