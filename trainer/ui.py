@@ -220,13 +220,13 @@ def _train_tab(host, queue, form: Form, defaults: Settings) -> dict:
         presets = list_presets(host.presets_dir)
         ui["preset"] = gr.Dropdown(choices=presets, value=None, label="Preset", elem_id="shinkansen-preset",
                                    scale=3)
-        load_btn = gr.Button("Load preset", elem_id="shinkansen-preset-load", scale=1)
-        refresh_btn = gr.Button("🔄", elem_id="shinkansen-preset-refresh", scale=0, min_width=40)
+        load_btn = gr.Button("Load preset", size="sm", elem_id="shinkansen-preset-load", scale=1)
+        refresh_btn = gr.Button("Refresh", size="sm", elem_id="shinkansen-preset-refresh", scale=0, min_width=80)
         preset_name = gr.Textbox(label="Save as preset", placeholder="name", elem_id="shinkansen-preset-name",
                                  scale=3)
-        save_btn = gr.Button("Save preset", elem_id="shinkansen-preset-save", scale=1)
-        json_file = compat.file_input(label="Load settings JSON (ours or TrainTrain's)", file_types=[".json"],
-                                      elem_id="shinkansen-json", scale=3)
+        save_btn = gr.Button("Save preset", size="sm", elem_id="shinkansen-preset-save", scale=1)
+    with gr.Accordion("Load a settings JSON (ours or TrainTrain's: presets, run files)", open=False):
+        json_file = compat.file_input(label="settings JSON", file_types=[".json"], elem_id="shinkansen-json")
     mode_field = next(f for f in FIELDS if f.name == "mode")
     required = [f for f in FIELDS if f.group == "required" and f.name != "mode"]
     optional = [f for f in FIELDS if f.group != "required"]
@@ -240,7 +240,7 @@ def _train_tab(host, queue, form: Form, defaults: Settings) -> dict:
     with gr.Column(visible=defaults.mode == "Difference", elem_id="shinkansen-2nd-pass-box") as p2_box:
         with gr.Accordion("2nd pass (Difference: used when use_2nd_pass_settings is on)", open=False,
                           elem_id="shinkansen-2nd-pass"):
-            copy_btn = gr.Button("Copy from 1st pass", elem_id="shinkansen-copy-1st")
+            copy_btn = gr.Button("Copy from 1st pass", size="sm", elem_id="shinkansen-copy-1st")
             form.build_second_pass(defaults)
     with gr.Row():
         ui["start"] = gr.Button("Start Training", variant="primary", elem_id="shinkansen-start")
@@ -325,15 +325,16 @@ def _job_id(choice: Optional[str]) -> int:
 
 def _queue_tab(host, queue, form: Form, tabs) -> dict:
     ui: dict[str, Any] = {}
+    ui["progress"] = gr.HTML(progress_html(queue.progress.snapshot()), elem_id="shinkansen-queue-progress")
     ui["table"] = gr.HTML(queue_html(queue.list(), queue.paused), elem_id="shinkansen-queue-table")
     with gr.Row():
         ui["select"] = gr.Dropdown(choices=_job_choices(queue.list()), value=None, label="Job",
                                    elem_id="shinkansen-queue-select", scale=3)
-        up = gr.Button("Move up", elem_id="shinkansen-queue-up")
-        down = gr.Button("Move down", elem_id="shinkansen-queue-down")
-        delete = gr.Button("Delete", elem_id="shinkansen-queue-delete")
-        edit = gr.Button("Edit in form", elem_id="shinkansen-queue-edit")
-        requeue = gr.Button("Re-queue", elem_id="shinkansen-queue-requeue")
+        up = gr.Button("Move up", size="sm", elem_id="shinkansen-queue-up")
+        down = gr.Button("Move down", size="sm", elem_id="shinkansen-queue-down")
+        delete = gr.Button("Delete", size="sm", elem_id="shinkansen-queue-delete")
+        edit = gr.Button("Edit in form", size="sm", elem_id="shinkansen-queue-edit")
+        requeue = gr.Button("Re-queue", size="sm", elem_id="shinkansen-queue-requeue")
     with gr.Row():
         run = gr.Button("Run queue", variant="primary", elem_id="shinkansen-queue-run")
         pause = gr.Button("Pause after this job", elem_id="shinkansen-queue-pause")
@@ -394,10 +395,11 @@ def _live(tab, queue, train: dict, qtab: dict) -> None:
         pending = sum(j.state == "pending" for j in jobs)
         choices = _job_choices(jobs)
         picker = compat.no_change() if choices == last else compat.update(choices=choices)
-        return (progress_html(queue.progress.snapshot(), queue.paused, pending), queue_html(jobs, queue.paused),
-                picker, choices)
+        panel = progress_html(queue.progress.snapshot(), queue.paused, pending)
+        return panel, panel, queue_html(jobs, queue.paused), picker, choices
 
-    compat.poll(tab, refresh, [seen], [train["progress"], qtab["table"], qtab["select"], seen], POLL_S)
+    compat.poll(tab, refresh, [seen], [train["progress"], qtab["progress"], qtab["table"], qtab["select"], seen],
+                POLL_S)
 
 
 def _run_choices(host) -> list[str]:
@@ -410,12 +412,12 @@ def _plot_tab(tab, host, queue) -> None:
         runs = gr.Dropdown(choices=_run_choices(host), value=[], multiselect=True, scale=4,
                            label="Runs (from the logs folder; empty = the running or most recent run)",
                            elem_id="shinkansen-plot-runs")
-        refresh = gr.Button("🔄", elem_id="shinkansen-plot-refresh", scale=0, min_width=40)
+        refresh = gr.Button("Refresh", size="sm", elem_id="shinkansen-plot-refresh", scale=0, min_width=80)
         auto = gr.Checkbox(value=True, label="auto-refresh while training", elem_id="shinkansen-plot-auto")
     plot = gr.Plot(label="loss", elem_id="shinkansen-plot")
     info = gr.HTML(elem_id="shinkansen-plot-info")
     with gr.Row():
-        export = gr.Button("Export PNG", elem_id="shinkansen-plot-export")
+        export = gr.Button("Export PNG", size="sm", elem_id="shinkansen-plot-export")
         png = gr.File(label="PNG", elem_id="shinkansen-plot-file", interactive=False)
     last = gr.State(None)
 
@@ -469,7 +471,7 @@ def _samples_tab(host, form: Form) -> None:
             with gr.Row():
                 lora = gr.Dropdown(choices=[""] + lora_files(host), value="", label="LoRA (from the LoRA folder)",
                                    elem_id="shinkansen-sample-lora", scale=3)
-                refresh = gr.Button("🔄", elem_id="shinkansen-sample-refresh", scale=0, min_width=40)
+                refresh = gr.Button("Refresh", size="sm", elem_id="shinkansen-sample-refresh", scale=0, min_width=80)
                 weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA weight", elem_id="shinkansen-sample-weight")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="shinkansen-sample-seed")
