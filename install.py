@@ -153,6 +153,13 @@ def setup_tf430_env() -> None:
         subprocess.check_call(["bash", str(script), "--setup-only"])
 
 
+def setup_gradio4_env() -> None:
+    """A side virtualenv with Forge's gradio 4.40 in which the tab must build too (tests/test_gradio4.py)."""
+    script = ROOT / ".ci" / "gradio4.sh"
+    if script.is_file():
+        subprocess.check_call(["bash", str(script), "--setup-only"])
+
+
 def install_standalone(with_tests: bool) -> None:
     specs = read_requirements(ROOT / "requirements.txt")
     if with_tests:
@@ -160,6 +167,7 @@ def install_standalone(with_tests: bool) -> None:
     pip_install(missing(specs))
     if with_tests:
         setup_tf430_env()
+        setup_gradio4_env()
 
 
 def main(argv: list[str]) -> int:
