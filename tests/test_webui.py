@@ -350,4 +350,5 @@ def test_a_model_that_cannot_be_shared_is_read_from_its_file(webui, checkpoint):
     with host.job_context(settings):
         bundle, _ = host.bundle_for(settings)
     assert bundle.source == str(checkpoint)
-    assert bundle.unet.input_blocks[0][0].weight.data_ptr() != model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
+    conv_in = model.model.diffusion_model.input_blocks[0][0].weight
+    assert bundle.unet.input_blocks[0][0].weight.data_ptr() != conv_in.data_ptr()
