@@ -106,3 +106,21 @@ def test_multi_addift_pairs_with_captions(tmp_path):
     result, steps = _run(tmp_path, mode="Multi-ADDifT", lora_data_directory=str(folder), diff_target_name="_big",
                          image_buckets_step=64, image_min_length=64)
     assert result.saved and len(steps) == 4
+
+
+def test_loaded_copier_gives_the_same_second_pass_as_a_trained_one(tmp_path, pair):
+    """diff_load_1st_pass: the copier saved by one run, loaded by another, yields the same pass-2 LoRA."""
+    a, b = pair
+    common = dict(mode="Difference", original_image=str(a), target_image=str(b), save_precision="fp32")
+    trained, _ = _run(tmp_path / "trained", diff_save_1st_pass=True, **common)
+    copier, product = trained.saved
+    loaded, steps = _run(tmp_path / "loaded", diff_load_1st_pass=str(copier), **common)
+    assert [e.phase for e in steps] == ["pass 2"] * 4
+    want, got = load_lora(product)[0], load_lora(loaded.saved[0])[0]
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    # and the copier matters: pass 2 without it (a fresh model) gives a different LoRA
+    fresh, _ = _run(tmp_path / "fresh", diff_load_1st_pass="", diff_1st_pass_only=False,
+                    **{**common, "original_image": str(b)})
+    assert any(not torch.equal(load_lora(fresh.saved[0])[0][k], want[k]) for k in want)

@@ -1,0 +1,271 @@
+"""The concept modes do what users train them for, measured on the embedded tiny model by the judge.
+
+Each check runs twice: against the real trainer (must pass) and against a deliberately broken
+variant (must fail), so a check that cannot fail is caught here rather than by a user:
+- iLECO move   ↔ target computed with the LoRA on;
+- iLECO erase  ↔ flipped sign (the LoRA trained at multiplier −1);
+- Difference   ↔ copier left out of pass 2;  and flipped sign (images swapped);
+- ADDifT       ↔ noise not shared between the pair;  and flipped sign;
+- Multi-ADDifT ↔ flipped sign (the broken variants run as ``slow`` tests).
+The figures are printed (``pytest -s``) and quoted in the issue notes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from trainer import toy
+from trainer.events import EventBus
+from trainer.models.loader import DEFAULT_MODEL, load_model
+from trainer.runner import run_job
+from trainer.settings import Settings
+
+from concept_eval import base_stats, colour_move_check, slider_check
+
+pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"embedded model not built: {DEFAULT_MODEL}")
+
+RED = ["a red circle", "a large red square on a white background", "a small red triangle on a black background"]
+OTHERS = ["a blue square", "a green circle", "a yellow triangle", "a purple square", "a orange circle"]
+SLIDER_HELD_OUT = ["a large blue square", "a small green triangle", "a yellow circle on a gray background"]
+ALL = RED + OTHERS + SLIDER_HELD_OUT
+
+COMMON = dict(image_size=(64, 64), train_seed=3, train_optimizer="AdamW", train_lr_scheduler="cosine",
+              save_precision="fp32", save_overwrite=True, logging_save_csv=False, save_as_json=False)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model(DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base(bundle):
+    torch.manual_seed(0)
+    return base_stats(bundle, ALL)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Small vs large red circle, same centre, on white: they differ only in size."""
+    folder = tmp_path_factory.mktemp("pair")
+    a, b = toy.make_pair("circle", "red", "white", 32, 32, 8, 19)
+    a.save(folder / "small.png")
+    b.save(folder / "large.png")
+    return str(folder / "small.png"), str(folder / "large.png")
+
+
+def train(tmp_path, bundle, **kw):
+    s = Settings.from_dict({**COMMON, "save_lora_name": kw.get("mode", "x").lower(), **kw})
+    result = run_job(s, bundle=bundle, model_info={"name": "tiny-sd"}, lora_dir=tmp_path, events=EventBus(),
+                     log_dir=tmp_path / "logs", json_dir=tmp_path / "json")
+    return result.saved[-1]
+
+
+def report(name, failures, figures):
+    print(f"\n[{name}] failures={failures}\n{json.dumps(figures, indent=1, default=str)}")
+
+
+# ----------------------------------------------------------------------------- iLECO
+
+ILECO = dict(mode="iLECO", network_rank=4, network_alpha=8, train_learning_rate=5e-4, train_iterations=300,
+             train_batch_size=2, train_snr_gamma=5)
+
+
+def ileco_move(tmp_path, bundle, base, pair=None):
+    lora = train(tmp_path, bundle, **ILECO, original_prompt="red", target_prompt="blue")
+    return colour_move_check(bundle, lora, base, RED, OTHERS, to="blue", min_rate=0.60)
+
+
+def ileco_erase(tmp_path, bundle, base, pair=None):
+    lora = train(tmp_path, bundle, **ILECO, original_prompt="red", target_prompt="")
+    return colour_move_check(bundle, lora, base, RED, OTHERS, to=None, max_rate=0.25)
+
+
+def test_base_model_draws_red(base):
+    for p in RED:
+        assert base.colour[p] >= 0.90, (p, base.colour[p])
+
+
+def test_ileco_moves_red_to_blue(tmp_path, bundle, base):
+    failures, figures = ileco_move(tmp_path, bundle, base)
+    report("iLECO move", failures, figures)
+    assert not failures
+
+
+def test_ileco_erases_red(tmp_path, bundle, base):
+    failures, figures = ileco_erase(tmp_path, bundle, base)
+    report("iLECO erase", failures, figures)
+    assert not failures
+
+
+# ----------------------------------------------------------------------------- Difference
+
+DIFF = dict(mode="Difference", network_rank=8, network_alpha=8, train_learning_rate=5e-4, train_iterations=300,
+            train_batch_size=2, train_snr_gamma=5, lora_trigger_word="", use_2nd_pass_settings=True,
+            second_pass={"network_rank": 4, "network_alpha": 4, "train_learning_rate": 1e-3})
+
+
+def difference(tmp_path, bundle, base, pair, swap=False):
+    a, b = pair[::-1] if swap else pair
+    lora = train(tmp_path, bundle, **DIFF, original_image=a, target_image=b)
+    return slider_check(bundle, lora, base, SLIDER_HELD_OUT)
+
+
+def test_difference_slider(tmp_path, bundle, base, pair):
+    failures, figures = difference(tmp_path, bundle, base, pair)
+    report("Difference", failures, figures)
+    assert not failures
+
+
+# ----------------------------------------------------------------------------- ADDifT
+
+ADDIFT = dict(mode="ADDifT", network_rank=4, network_alpha=4, train_learning_rate=1e-3, train_iterations=100,
+              train_batch_size=2, train_snr_gamma=5, diff_multiplier=1.0, lora_trigger_word="",
+              train_min_timesteps=200, train_max_timesteps=1000)
+
+
+def addift(tmp_path, bundle, base, pair, swap=False):
+    a, b = pair[::-1] if swap else pair
+    lora = train(tmp_path, bundle, **ADDIFT, original_image=a, target_image=b)
+    return slider_check(bundle, lora, base, SLIDER_HELD_OUT)
+
+
+def test_addift_slider_within_100_steps(tmp_path, bundle, base, pair, monkeypatch):
+    import trainer.modes.addift as mode
+    seen = []
+    real = mode.sample_timesteps
+    monkeypatch.setattr(mode, "sample_timesteps", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    failures, figures = addift(tmp_path, bundle, base, pair)
+    t = torch.cat(seen)
+    figures["timesteps"] = {"min": int(t.min()), "max": int(t.max()), "distinct": int(t.unique().numel())}
+    report("ADDifT", failures, figures)
+    assert not failures
+    # drawn over the whole configured band, not TrainTrain's five-value cycle
+    assert t.min() < 300 and t.max() > 900 and t.unique().numel() > 50
+
+
+def pair_folder(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    combos = [("circle", "red"), ("square", "green"), ("triangle", "blue"), ("circle", "yellow"),
+              ("square", "purple")]
+    for i, (shape, color) in enumerate(combos):
+        a, b = toy.make_pair(shape, color, "white", 32, 32, 8, 19)
+        a.save(folder / f"p{i}.png")
+        b.save(folder / f"p{i}_large.png")
+        (folder / f"p{i}.txt").write_text(f"a {color} {shape}")
+    return folder
+
+
+MULTI = dict(ADDIFT, mode="Multi-ADDifT", diff_target_name="_large", image_buckets_step=64, image_min_length=64)
+
+
+def multi_addift(tmp_path, bundle, base, pair=None):
+    lora = train(tmp_path, bundle, **MULTI, lora_data_directory=str(pair_folder(tmp_path)))
+    return slider_check(bundle, lora, base, SLIDER_HELD_OUT)
+
+
+def test_multi_addift_slider(tmp_path, bundle, base):
+    failures, figures = multi_addift(tmp_path, bundle, base)
+    report("Multi-ADDifT", failures, figures)
+    assert not failures
+
+
+# ----------------------------------------------------------------------------- the checks have teeth
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _lora_on_in_target():
+    """Mutant: iLECO's frozen target computed with the LoRA on (TrainTrain's multiplier leak)."""
+    import trainer.modes.ileco as mode
+    return patched(mode, "networks_off", contextlib.nullcontext)
+
+
+def _trained_at_minus_one():
+    """Mutant: the LoRA trained at multiplier −1 (a flipped sign), used at +1."""
+    import trainer.modes.ileco as mode
+    real = mode.new_network
+
+    def flipped(*a, **k):
+        net = real(*a, **k)
+        net.multiplier = -1.0
+        return net
+    return patched(mode, "new_network", flipped)
+
+
+def _copier_left_out():
+    """Mutant: Difference pass 2 trained without the copier applied."""
+    import trainer.modes.difference as mode
+    made = []
+    real_new, real_pass = mode.new_network, mode._denoise_pass
+
+    def new(*a, **k):
+        made.append(real_new(*a, **k))
+        return made[-1]
+
+    def denoise(run, s, network, latent, cond, phase, gen_name):
+        if phase == "pass 2":
+            made[0].multiplier = 0.0
+        return real_pass(run, s, network, latent, cond, phase, gen_name)
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(mode, "new_network", new))
+    stack.enter_context(patched(mode, "_denoise_pass", denoise))
+    return stack
+
+
+def _unshared_noise():
+    """Mutant: ADDifT noises the two images of a pair with independent noise."""
+    import trainer.modes.addift as mode
+    real = mode._step_loss
+
+    def step_loss(run, s, network, a, b, cond, t, noise, step, mask=None):
+        schedule = run.bundle.schedule
+        add = schedule.add_noise
+        schedule.add_noise = lambda x, n, tt: add(x, torch.randn_like(n), tt)
+        try:
+            return real(run, s, network, a, b, cond, t, noise, step, mask)
+        finally:
+            del schedule.add_noise
+    return patched(mode, "_step_loss", step_loss)
+
+
+def _addift_flipped_sign():
+    """Mutant: ADDifT's multiplier sign flipped (trains the reverse slider)."""
+    import trainer.modes.addift as mode
+    real = mode._step_loss
+
+    def step_loss(run, s, *a, **k):
+        return real(run, s.with_overrides(diff_multiplier=-s.diff_multiplier), *a, **k)
+    return patched(mode, "_step_loss", step_loss)
+
+
+MUTANTS = {
+    "ileco-move/lora-on-in-target": (ileco_move, _lora_on_in_target),
+    "ileco-erase/flipped-sign": (ileco_erase, _trained_at_minus_one),
+    "difference/copier-left-out": (difference, _copier_left_out),
+    "difference/flipped-sign": (lambda *a: difference(*a, swap=True), contextlib.nullcontext),
+    "addift/unshared-noise": (addift, _unshared_noise),
+    "addift/flipped-sign": (addift, _addift_flipped_sign),
+    "multi-addift/flipped-sign": (multi_addift, _addift_flipped_sign),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_check_fails_on_broken_variant(name, tmp_path, bundle, base, pair):
+    check, mutant = MUTANTS[name]
+    with mutant():
+        failures, figures = check(tmp_path, bundle, base, pair)
+    report(f"mutant {name}", failures, figures)
+    assert failures, f"the check passed on the broken variant {name}: it has no teeth"
