@@ -134,13 +134,13 @@ def test_train_queue_plot_and_restart_in_the_browser(browser, tmp_path):
         expect(page.locator("#shinkansen-plot-info").first).to_contain_text("first-", timeout=10_000)
         steps_then = int(page.locator("#shinkansen-plot-info .shinkansen-run").first.get_attribute("data-steps"))
         assert steps_then >= 1
-        page.screenshot(path=str(SHOTS / "plot-tab.png"), full_page=True)
 
         server.wait(lambda: progress(page)[1] == "done", timeout=300, what="the run to finish", poll=1)
         assert (root / "output" / "first.safetensors").is_file()
         # the plot followed the run to its end (auto-refresh)
         server.wait(lambda: page.locator("#shinkansen-plot-info .shinkansen-run").first.get_attribute("data-steps")
                     == "40", timeout=30, what="the plot to show all 40 steps")
+        page.screenshot(path=str(SHOTS / "plot-tab.png"), full_page=True)
         open_tab(page, "Queue")
         expect(row(page, "first", "done")).to_have_count(1, timeout=10_000)
         time.sleep(2)
@@ -154,6 +154,15 @@ def test_train_queue_plot_and_restart_in_the_browser(browser, tmp_path):
         open_tab(page, "Queue")
         expect(row(page, "second", "pending")).to_have_count(1, timeout=30_000)
         expect(row(page, "first", "done")).to_have_count(1)
+
+        # edit the pending job back into the form: it leaves the queue and fills the Train tab
+        pick(page, "shinkansen-queue-select", "#2 second")
+        page.click("#shinkansen-queue-edit")
+        expect(field(page, "save_lora_name")).to_have_value("second", timeout=10_000)
+        expect(field(page, "train_iterations")).to_have_value("40")
+        open_tab(page, "Queue")
+        expect(row(page, "second")).to_have_count(0, timeout=10_000)
+
         page.close()
     finally:
         server.stop()

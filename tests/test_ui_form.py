@@ -97,3 +97,16 @@ def test_python_m_trainer_help_lists_serve_options():
     r = subprocess.run([sys.executable, "-m", "trainer", "serve", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--listen" in r.stdout and "--auth" in r.stdout and "--port" in r.stdout
+
+
+def test_samples_draw_with_the_current_model_and_refuse_a_missing_lora(tmp_path):
+    from trainer.errors import UserError
+    from trainer.ui import generate_sample, lora_files
+    host = Host(root=tmp_path, lora_dir=tmp_path / "loras")
+    image = generate_sample(host, Settings(), "a red circle", "", "", 1.0, 0, 3, "64,64")
+    assert image.size == (64, 64)
+    assert lora_files(host) == []
+    with pytest.raises(UserError, match="LoRA gone.safetensors: not found"):
+        generate_sample(host, Settings(), "a red circle", "", "gone.safetensors", 1.0, 0, 3, "")
+    with pytest.raises(UserError, match="prompt"):
+        generate_sample(host, Settings(), "  ", "", "", 1.0, 0, 3, "")

@@ -490,5 +490,8 @@ def _samples_tab(host, form: Form) -> None:
             img = generate_sample(host, s, p or "", n or "", l or "", w or 1.0, int(sd or 0), int(st or 20), sz or "")
         except UserError as e:
             return compat.no_change(), message_html(str(e), ok=False)
+        except Exception as e:   # a bug: the traceback goes to the log, one line to the user
+            log.exception("sample generation failed")
+            return compat.no_change(), message_html(f"internal error: {type(e).__name__}: {e}", ok=False)
         return img, message_html(f"model: {s.model_checkpoint or 'default'}" + (f", LoRA {l} at {w}" if l else ""))
     go.click(run, [prompt, negative, lora, weight, seed, steps, size] + form.inputs, [image, msg])
