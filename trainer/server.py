@@ -77,4 +77,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         queue.shutdown()
         demo.close()
-    return 0
+    # Handler threads (a Samples generation, a polling event) must not keep a stopped server alive; the
+    # queue's state is already committed, so a hard exit loses nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
