@@ -28,7 +28,7 @@ from concept_eval import base_stats, colour_move_check, slider_check
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"embedded model not built: {DEFAULT_MODEL}")
 
 RED = ["a red circle", "a large red square on a white background", "a small red triangle on a black background"]
-OTHERS = ["a blue square", "a green circle", "a yellow triangle", "a purple square", "a orange circle"]
+OTHERS = ["a blue square", "a green circle", "a yellow triangle", "a purple square", "an orange circle"]
 SLIDER_HELD_OUT = ["a large blue square", "a small green triangle", "a yellow circle on a gray background"]
 ALL = RED + OTHERS + SLIDER_HELD_OUT
 
