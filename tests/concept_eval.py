@@ -33,7 +33,15 @@ def lora_at(bundle, path, weight: float) -> Iterator[None]:
 
 
 def judged(bundle, prompt: str, seeds: Sequence[int] = SEEDS):
-    return judge(generate(bundle, [prompt] * len(seeds), list(seeds), steps=STEPS, cfg=CFG, batch_size=16))
+    return judged_many(bundle, [prompt], seeds)[prompt]
+
+
+def judged_many(bundle, prompts: Sequence[str], seeds: Sequence[int] = SEEDS) -> dict:
+    """Judgements per prompt; all prompts sampled together (large batches amortise the per-step cost)."""
+    flat = [p for p in prompts for _ in seeds]
+    js = judge(generate(bundle, flat, list(seeds) * len(prompts), steps=STEPS, cfg=CFG, batch_size=48))
+    n = len(seeds)
+    return {p: js[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
 
 
 def colour_rate(js, colour: str) -> float:
@@ -59,8 +67,7 @@ def prompt_colour(prompt: str) -> str:
 
 def base_stats(bundle, prompts: Sequence[str]) -> BaseStats:
     st = BaseStats()
-    for p in prompts:
-        js = judged(bundle, p)
+    for p, js in judged_many(bundle, prompts).items():
         st.colour[p] = colour_rate(js, prompt_colour(p))
         st.area[p] = float(np.mean([j.area for j in js]))
     return st
@@ -72,8 +79,9 @@ def colour_move_check(bundle, lora, base: BaseStats, moved: Sequence[str], other
     """iLECO: prompts in ``moved`` change colour (to ``to``, or away from their own), ``others`` keep theirs."""
     failures, figures = [], {}
     with lora_at(bundle, lora, 1.0):
+        results = judged_many(bundle, list(moved) + list(others))
         for p in moved:
-            js = judged(bundle, p)
+            js = results[p]
             own = colour_rate(js, prompt_colour(p))
             figures[p] = {"base_own": base.colour[p], "own": own}
             if to is not None:
@@ -83,7 +91,7 @@ def colour_move_check(bundle, lora, base: BaseStats, moved: Sequence[str], other
             if max_rate is not None and own > max_rate:
                 failures.append(f"{p!r}: still {prompt_colour(p)} in {own:.2f} > {max_rate}")
         for p in others:
-            rate = colour_rate(judged(bundle, p), prompt_colour(p))
+            rate = colour_rate(results[p], prompt_colour(p))
             figures[p] = {"base_own": base.colour[p], "own": rate}
             if rate < base.colour[p] - keep_within:
                 failures.append(f"{p!r}: colour accuracy {rate:.2f} vs base {base.colour[p]:.2f}")
@@ -98,12 +106,13 @@ def slider_check(bundle, lora, base: BaseStats, prompts: Sequence[str], up: floa
     for w in WEIGHTS:
         per_prompt, col = [], {}
         with lora_at(bundle, lora, w):
+            results = judged_many(bundle, prompts) if w != 0 else {}
             for p in prompts:
                 if w == 0:
                     per_prompt.append(base.area[p])
                     col[p] = base.colour[p]
                     continue
-                js = judged(bundle, p)
+                js = results[p]
                 per_prompt.append(float(np.mean([j.area for j in js])))
                 col[p] = colour_rate(js, prompt_colour(p))
         areas.append(float(np.mean(per_prompt)))
