@@ -67,6 +67,8 @@ def test_api_adds_lists_reorders_deletes_and_stops_jobs(server, dataset):
     server.wait(lambda: api(server, "GET", f"/jobs/{a['id']}")[1]["state"] == "stopped", what="api-a stopped")
     loss = api(server, "GET", f"/jobs/{a['id']}/loss")[1]
     assert len(loss["steps"]) >= 2 and len(loss["loss"]) == len(loss["steps"]) and loss["lr"][0] > 0
+    status, body = api(server, "POST", f"/jobs/{a['id']}/requeue?resume=true")   # no save_state: nothing to resume
+    assert status == 400 and "saved no training state" in str(body)
     assert api(server, "POST", f"/jobs/{a['id']}/requeue")[1]["state"] == "pending"
 
 

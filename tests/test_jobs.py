@@ -200,3 +200,29 @@ def test_stop_current_goes_on_stop_all_pauses(host, dataset):
         wait_for(lambda: q.get(third.id).state == "done", what="job 3 after resume")
     finally:
         q.close()
+
+
+def test_a_stopped_job_resumes_from_its_saved_training_state(host, dataset):
+    """Resume (not Re-queue): the job continues from the state its run saved instead of starting over."""
+    q = JobQueue(host)
+    plain = q.add(job_settings(dataset, "plain", train_iterations=2))
+    job = q.add(job_settings(dataset, "resumable", train_iterations=40, save_state=True, save_overwrite=True))
+    q.start().resume()
+    try:
+        wait_for(lambda: q.running_job_id == job.id and q.progress.snapshot().step >= 5, what="steps of the job")
+        q.stop_all()
+        wait_for(lambda: q.get(job.id).state == "stopped", what="the job stopped")
+        stopped_at = q.progress.snapshot().step
+        with pytest.raises(UserError, match="saved no training state"):
+            q.requeue(plain.id, resume=True)
+        state = host.logs_dir / "states" / "resumable.state.pt"
+        assert q.requeue(job.id, resume=True).settings["train_resume_state"] == str(state)
+        q.resume()
+        wait_for(lambda: q.get(job.id).state in ("done", "failed"), what="the resumed job")
+        done = q.get(job.id)
+        assert done.state == "done", done.message
+        rows = Path(done.result["csv"]).read_text().splitlines()[1:]
+        assert int(rows[0].split(",")[0]) > stopped_at >= 5 and int(rows[-1].split(",")[0]) == 40
+        assert q.requeue(job.id).settings["train_resume_state"] == ""      # Re-queue starts over
+    finally:
+        q.close()

@@ -115,10 +115,11 @@ def register_api(app, queue: JobQueue, host, auth: Auth = None) -> APIRouter:
     router.add_api_route("/jobs/{job_id}/move", _errors(move), methods=["POST"],
                          summary='reorder a pending job: {"by": -1} moves it one place earlier')
 
-    def requeue(job_id: int) -> dict:
-        return queue.requeue(job_id).to_dict(with_settings=False)
+    def requeue(job_id: int, resume: bool = False) -> dict:
+        return queue.requeue(job_id, resume=resume).to_dict(with_settings=False)
     router.add_api_route("/jobs/{job_id}/requeue", _errors(requeue), methods=["POST"],
-                         summary="put a finished or interrupted job back in the queue")
+                         summary="put a finished or interrupted job back in the queue "
+                                 "(?resume=true: continue from its saved training state)")
 
     def loss(job_id: int) -> dict:
         job = queue.get(job_id)

@@ -360,21 +360,39 @@ class JobQueue:
             self.delete(job.id, keep_files=True)
         return settings
 
-    def requeue(self, job_id: int) -> Job:
-        """Put a finished (interrupted, failed, stopped, done) job back at the end of the queue."""
+    def requeue(self, job_id: int, resume: bool = False) -> Job:
+        """Put a finished (interrupted, failed, stopped, done) job back at the end of the queue.
+
+        ``resume``: continue from the training state the job saved (``save_state``; written every
+        ``save_every_n_steps`` and on stop) instead of starting over; an error if there is none.
+        """
         from .runner import check_output
         with self._tx() as db:
             job = self._get(db, job_id)
             if job.state in ACTIVE:
                 raise UserError(f"job #{job.id} is already {job.state}")
             self._refuse_duplicate(db, job.name, except_id=job.id)
-            check_output(Settings.from_dict(job.settings), Path(self.host.lora_dir))
+            settings = dict(job.settings, train_resume_state=str(self.saved_state(job)) if resume else "")
+            check_output(Settings.from_dict(settings), Path(self.host.lora_dir))
             edge = db.execute("SELECT MAX(position) FROM jobs WHERE state = 'pending'").fetchone()
             db.execute("UPDATE jobs SET state = 'pending', position = ?, message = '', result = '{}', owner = NULL, "
-                       "started = NULL, finished = NULL WHERE id = ?", ((edge[0] or 0) + 1, job.id))
+                       "started = NULL, finished = NULL, settings = ? WHERE id = ?",
+                       ((edge[0] or 0) + 1, json.dumps(settings), job.id))
             job = self._get(db, job.id)
         self._wake()
         return job
+
+    def saved_state(self, job: Job) -> Path:
+        """The newest training-state file this job's run wrote (the engine names it after the LoRA)."""
+        name = Settings.from_dict(job.settings).save_lora_name
+        folder = Path(self.host.logs_dir) / "states"
+        since = (job.started or 0) - 1
+        found = [folder / f"{name}{suffix}.state.pt" for suffix in ("", "-pass1", "-pass2")]
+        found = [p for p in found if p.is_file() and p.stat().st_mtime >= since]
+        if not found:
+            raise UserError(f"job #{job.id} saved no training state to resume from (turn on save_state and "
+                            "save_every_n_steps before the run); use Re-queue to start it over")
+        return max(found, key=lambda p: p.stat().st_mtime)
 
     # -- control ----------------------------------------------------------------------------
     def stop(self, save: bool = False) -> Optional[int]:

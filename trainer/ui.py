@@ -335,6 +335,7 @@ def _queue_tab(host, queue, form: Form, tabs) -> dict:
         delete = gr.Button("Delete", size="sm", elem_id="shinkansen-queue-delete")
         edit = gr.Button("Edit in form", size="sm", elem_id="shinkansen-queue-edit")
         requeue = gr.Button("Re-queue", size="sm", elem_id="shinkansen-queue-requeue")
+        resume = gr.Button("Resume from state", size="sm", elem_id="shinkansen-queue-resume")
     with gr.Row():
         run = gr.Button("Run queue", variant="primary", elem_id="shinkansen-queue-run")
         pause = gr.Button("Pause after this job", elem_id="shinkansen-queue-pause")
@@ -361,6 +362,8 @@ def _queue_tab(host, queue, form: Form, tabs) -> dict:
     down.click(act(lambda i: queue.move(i, +1), "moved job #{id} down"), [sel], [msg, table, sel])
     delete.click(act(queue.delete, "deleted job #{id}"), [sel], [msg, table, sel])
     requeue.click(act(queue.requeue, "job #{id} is pending again"), [sel], [msg, table, sel])
+    resume.click(act(lambda i: queue.requeue(i, resume=True), "job #{id} will continue from its saved state"),
+                 [sel], [msg, table, sel])
 
     def edit_back(choice):
         try:
