@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from trainer.generate import apply_loras, generate
 from trainer.judge import judge
