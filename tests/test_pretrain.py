@@ -43,3 +43,20 @@ def test_resume_refuses_other_settings(tmp_path):
     other = Pretrainer(tmp_path, PretrainConfig(**{**SMALL.__dict__, "unet_lr": 1.0}), log=lambda m: None)
     with pytest.raises(SystemExit, match="different settings"):
         other.load_state()
+
+
+def test_extend_continues_a_finished_unet_phase(tmp_path):
+    from dataclasses import replace
+    p = Pretrainer(tmp_path, SMALL, log=lambda m: None)
+    assert p.run() is True
+    longer = replace(SMALL, unet_steps=6)
+    with pytest.raises(SystemExit, match="different settings"):
+        Pretrainer(tmp_path, longer, log=lambda m: None).load_state()          # not without --extend
+    with pytest.raises(SystemExit, match="only raises"):
+        Pretrainer(tmp_path, replace(longer, unet_lr=1.0), log=lambda m: None).load_state(extend=True)
+    q = Pretrainer(tmp_path, longer, log=lambda m: None)
+    q.load_state(extend=True)
+    assert (q.phase, q.step) == ("unet", 4)
+    before = {k: v.clone() for k, v in q.unet.state_dict().items()}
+    assert q.run() is True and q.step == 6
+    assert any(not torch.equal(before[k], v) for k, v in q.unet.state_dict().items())

@@ -21,13 +21,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import toy
 from .models.bundle import ModelBundle
@@ -142,11 +141,19 @@ class Pretrainer:
         torch.save(state, tmp)
         os.replace(tmp, self.state_path)
 
-    def load_state(self) -> None:
+    def load_state(self, extend: bool = False) -> None:
+        """Restore a checkpoint. ``extend`` lets a finished or running UNet phase continue to a larger
+        ``unet_steps`` (the cosine schedule is recomputed for the new length); nothing else may change."""
         state = torch.load(self.state_path, map_location=self.device, weights_only=True)
         saved = PretrainConfig(**state["config"])
-        if saved != self.cfg:
-            raise SystemExit(f"{self.state_path}: saved with different settings {saved}; use the same ones to resume")
+        longer = extend and saved.unet_steps < self.cfg.unet_steps
+        if longer and replace(saved, unet_steps=self.cfg.unet_steps) == self.cfg:
+            self.log(f"extending the UNet phase from {saved.unet_steps} to {self.cfg.unet_steps} steps")
+            if state["phase"] == "done":
+                state["phase"], state["step"] = "unet", saved.unet_steps
+        elif saved != self.cfg:
+            raise SystemExit(f"{self.state_path}: saved with different settings {saved}; use the same ones to resume"
+                             + (" (--extend only raises --unet-steps)" if extend else ""))
         self.phase, self.step = state["phase"], state["step"]
         self.vae.load_state_dict(state["vae"])
         self.vae_opt.load_state_dict(state["vae_opt"])
@@ -307,6 +314,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--work", default="runs/pretrain", help="folder for checkpoints, cached latents and the log")
     p.add_argument("--out", default=str(Path(__file__).parent / "assets" / "tiny-sd"))
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: continue the UNet phase to a larger --unet-steps than it was started with")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     for f in fields(PretrainConfig):
@@ -326,7 +335,7 @@ def main(argv: Optional[list] = None) -> int:
 
     trainer = Pretrainer(work, cfg, log, args.device)
     if args.resume and trainer.state_path.is_file():
-        trainer.load_state()
+        trainer.load_state(extend=args.extend)
     elif trainer.state_path.is_file():
         raise SystemExit(f"{trainer.state_path} exists: pass --resume to continue it, or use another --work")
     t0 = time.time()
