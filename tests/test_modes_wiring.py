@@ -42,6 +42,17 @@ def test_ileco_first_loss_is_the_analytic_gap(tmp_path):
     assert steps[0].loss > 0
 
 
+def test_ileco_preserve_prompts_join_the_batch(tmp_path):
+    """A preserved prompt is its own frozen target: zero gap at step 1, so the first loss halves."""
+    kw = dict(mode="iLECO", original_prompt="red", target_prompt="blue", train_snr_gamma=0,
+              train_iterations=1)
+    _, plain = _run(tmp_path / "plain", **kw)
+    result, kept = _run(tmp_path / "kept", **kw, preserve_prompts="orange\nyellow")
+    assert kept[0].loss == pytest.approx(plain[0].loss / 2, rel=1e-5)
+    _, meta = load_lora(result.saved[0])
+    assert meta["shinkansen_preserve_prompts"] == "orange\nyellow"
+
+
 def test_ileco_empty_target_erases(tmp_path):
     result, _ = _run(tmp_path, mode="iLECO", original_prompt="red", target_prompt="")
     assert result.saved

@@ -563,6 +563,9 @@ FIELDS: tuple[Field, ...] = (
        group="required", traintrain="original prompt"),
     _f("target_prompt", "text", "", "What the original prompt should produce instead; empty erases the "
        "concept.", modes=(_I,), group="required", traintrain="target prompt"),
+    _f("preserve_prompts", "lines", (), "Prompts whose results must not change, one per line (e.g. neighbouring "
+       "concepts such as 'orange' when moving 'red'): each step one of them is also trained to keep the "
+       "frozen model's prediction with the LoRA on. Empty = none (TrainTrain's iLECO).", modes=(_I,)),
     _f("original_image", "path", "", "Image without the change (the 'before' of the slider).", modes=(_D, _A),
        group="required", traintrain="original image"),
     _f("target_image", "path", "", "Image with the change, same size as the original.", modes=(_D, _A),
