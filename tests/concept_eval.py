@@ -31,10 +31,6 @@ def lora_at(bundle, path, weight: float) -> Iterator[None]:
             n.remove()
 
 
-def judged(bundle, prompt: str, seeds: Sequence[int] = SEEDS):
-    return judged_many(bundle, [prompt], seeds)[prompt]
-
-
 def judged_many(bundle, prompts: Sequence[str], seeds: Sequence[int] = SEEDS) -> dict:
     """Judgements per prompt; all prompts sampled together (large batches amortise the per-step cost)."""
     flat = [p for p in prompts for _ in seeds]

@@ -135,11 +135,11 @@ class Run:
         if not self.settings.logging_save_csv or self.csv is not None:
             return
         day = self.started.strftime("%Y%m%d")
-        stem = self.paths.log_dir / day / f"{self.settings.save_lora_name}-{self.stamp}"
-        self.csv_path, n = stem.with_name(stem.name + ".csv"), 1
+        folder, stem = self.paths.log_dir / day, f"{self.settings.save_lora_name}-{self.stamp}"
+        self.csv_path, n = folder / f"{stem}.csv", 1
         while self.csv_path.exists():   # two runs of one name in the same second (a quick stop and resume)
             n += 1
-            self.csv_path = stem.with_name(f"{stem.name}-{n}.csv")
+            self.csv_path = folder / f"{stem}-{n}.csv"
         self.csv = CsvLogger(self.csv_path, with_te_lr)
         self.events.subscribe(self.csv)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import loss_per_sample, sample_timesteps, snr_weights
+from ..models.sampling import concat_cond
 from ..networks import networks_off
 from .common import new_network, repeat_cond, training, without_text_encoder
 
@@ -38,7 +39,7 @@ def run(run, prepared=None) -> None:
         shape = (b, bundle.config.unet.in_channels, h // 8, w // 8)
         co, ct = repeat_cond(c_orig, b), repeat_cond(c_targ, b)
         with torch.no_grad():
-            keep = [repeat_cond(run.encode_prompts([p], size=(h, w)), b) for p in s.preserve_prompts]
+            keep = [run.encode_prompts([p], size=(h, w)) for p in s.preserve_prompts]
 
         def loss_fn(step: int) -> torch.Tensor:
             z = torch.randn(shape, generator=gen).to(run.device, bundle.dtype)
@@ -47,7 +48,7 @@ def run(run, prepared=None) -> None:
             c_in, c_out = co, ct
             if keep:   # the preserved prompt is its own target: same input in both halves of the batch
                 cp = keep[step % len(keep)]
-                c_in, c_out = _cat(co, cp), _cat(ct, cp)
+                c_in, c_out = concat_cond(co, cp, b), concat_cond(ct, cp, b)
                 z, t = torch.cat([z, z]), torch.cat([t, t])
             with torch.no_grad(), networks_off():
                 target = bundle.unet_call(z, t, c_out)
@@ -64,7 +65,3 @@ def run(run, prepared=None) -> None:
         run.save(network, steps=result.steps)
     finally:
         network.remove()
-
-
-def _cat(a: dict, b: dict) -> dict:
-    return {k: torch.cat([a[k], b[k]]) for k in a}
