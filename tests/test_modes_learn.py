@@ -3,7 +3,7 @@
 Each check runs twice: against the real trainer (must pass) and against a deliberately broken
 variant (must fail), so a check that cannot fail is caught here rather than by a user:
 - iLECO move   ↔ target computed with the LoRA on;
-- iLECO erase  ↔ flipped sign (the LoRA trained at multiplier −1; skipped while the erase check is pending);
+- iLECO erase  ↔ flipped sign (the LoRA trained at multiplier −1);  and target computed with the LoRA on;
 - Difference   ↔ copier left out of pass 2;  and flipped sign (images swapped);
 - ADDifT       ↔ noise not shared between the pair;  and flipped sign;
 - Multi-ADDifT ↔ flipped sign (the broken variants run as ``slow`` tests).
@@ -34,7 +34,11 @@ OTHERS = ["a blue square", "a green circle", "a yellow triangle", "a purple squa
 # square"), even a slider that makes every object large cannot reach 1.3x the mean area, and an explicit
 # "small"/"large" in the prompt outweighs the slider.
 SLIDER_HELD_OUT = ["a green square", "a yellow circle", "a purple triangle"]
-ALL = RED + OTHERS + SLIDER_HELD_OUT
+# Erase prompts: red prompts whose colourless variant the base model draws red in at most 25 % of seeds
+# (checked below). On white backgrounds the base draws a colourless object red in 31–56 % of seeds ("a large
+# square on a white background": 44 %), so there a perfect erase ("as if red were never said") cannot reach 25 %.
+ERASED = ["a red circle", "a large red square on a gray background", "a small red triangle on a black background"]
+ALL = list(dict.fromkeys(RED + ERASED + OTHERS + SLIDER_HELD_OUT))
 PAIR_RADII = (8, 19)   # pixels: the world's small and large ranges are 7–10 and 17–22
 
 COMMON = dict(image_size=(64, 64), train_seed=3, train_optimizer="AdamW", train_lr_scheduler="cosine",
@@ -90,14 +94,32 @@ def ileco_move(tmp_path, bundle, base, pair=None):
     return colour_move_check(bundle, lora, base, RED, OTHERS, to="blue", min_rate=0.60)
 
 
+# Erasing with TrainTrain's objective (target_guidance 0) works at CFG 1 but not at the CFG 5 the check samples
+# with (README, "Why erasing needs more"); the iLECO_Erase preset's options fix that: target_guidance 1,
+# preserve_unconditional, and timesteps 500–999 (pure-noise inputs are realistic only there; over 0–999 "a large
+# red square" stayed red in 69–75 % for two of three training seeds). Erasing "red" also pulls its neighbours
+# orange and yellow (and purple) along, so those are named as preserved; blue and green must hold alone.
+ERASE = dict(ILECO, train_learning_rate=2e-3, network_element="CrossAttention", target_guidance=1.0,
+             preserve_unconditional=True, preserve_prompts="orange\nyellow\npurple", train_min_timesteps=500)
+
+
 def ileco_erase(tmp_path, bundle, base, pair=None):
-    lora = train(tmp_path, bundle, **ILECO, original_prompt="red", target_prompt="")
-    return colour_move_check(bundle, lora, base, RED, OTHERS, to=None, max_rate=0.25)
+    lora = train(tmp_path, bundle, **ERASE, original_prompt="red", target_prompt="")
+    return colour_move_check(bundle, lora, base, ERASED, OTHERS, to=None, max_rate=0.25)
 
 
 def test_base_model_draws_red(base):
-    for p in RED:
+    for p in RED + ERASED:
         assert base.colour[p] >= 0.90, (p, base.colour[p])
+
+
+def test_erase_prompts_are_not_red_without_the_word(bundle):
+    """The premise of the erase check: with "red" left out, the base draws these objects red in ≤ 25 % of seeds."""
+    from concept_eval import colour_rate, judged_many
+    colourless = [p.replace("red ", "") for p in ERASED]
+    rates = {p: colour_rate(js, "red") for p, js in judged_many(bundle, colourless).items()}
+    print("\n[colourless prior, red rate]", rates)
+    assert all(r <= 0.25 for r in rates.values()), rates
 
 
 def test_ileco_moves_red_to_blue(tmp_path, bundle, base):
@@ -106,11 +128,6 @@ def test_ileco_moves_red_to_blue(tmp_path, bundle, base):
     assert not failures
 
 
-ERASE_PENDING = ("issue 5: erasing is not yet strong enough on the tiny model (red stays in 38–100 % of samples at "
-                 "lr 2e-3–5e-3; stronger runs drag yellow with it)")
-
-
-@pytest.mark.xfail(strict=True, reason=ERASE_PENDING)
 def test_ileco_erases_red(tmp_path, bundle, base):
     failures, figures = ileco_erase(tmp_path, bundle, base)
     report("iLECO erase", failures, figures)
@@ -270,6 +287,7 @@ def _addift_flipped_sign():
 MUTANTS = {
     "ileco-move/lora-on-in-target": (ileco_move, _lora_on_in_target),
     "ileco-erase/flipped-sign": (ileco_erase, _trained_at_minus_one),
+    "ileco-erase/lora-on-in-target": (ileco_erase, _lora_on_in_target),
     "difference/copier-left-out": (difference, _copier_left_out),
     "difference/flipped-sign": (lambda *a: difference(*a, swap=True), contextlib.nullcontext),
     "addift/unshared-noise": (addift, _unshared_noise),
@@ -281,8 +299,6 @@ MUTANTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_check_fails_on_broken_variant(name, tmp_path, bundle, base, pair):
-    if name.startswith("ileco-erase"):
-        pytest.skip("the real erase check does not pass yet, so a failing mutant proves nothing: " + ERASE_PENDING)
     check, mutant = MUTANTS[name]
     with mutant():
         failures, figures = check(tmp_path, bundle, base, pair)

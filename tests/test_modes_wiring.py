@@ -53,6 +53,37 @@ def test_ileco_preserve_prompts_join_the_batch(tmp_path):
     assert meta["shinkansen_preserve_prompts"] == "orange\nyellow"
 
 
+def test_ileco_target_guidance_scales_the_gap(tmp_path):
+    """target = ε(t) + g·(ε(t) − ε(o)): at step 1 (LoRA a no-op) the gap is (1+g)·(ε(t) − ε(o)), loss ×(1+g)²;
+    a preserved prompt stays its own target (its half of the batch still has zero gap)."""
+    kw = dict(mode="iLECO", original_prompt="red", target_prompt="", train_snr_gamma=0, train_iterations=1)
+    _, plain = _run(tmp_path / "plain", **kw)
+    result, pushed = _run(tmp_path / "pushed", **kw, target_guidance=1.0)
+    assert pushed[0].loss == pytest.approx(4 * plain[0].loss, rel=1e-4)
+    _, both = _run(tmp_path / "both", **kw, target_guidance=1.0, preserve_prompts="orange")
+    assert both[0].loss == pytest.approx(2 * plain[0].loss, rel=1e-4)
+    _, meta = load_lora(result.saved[0])
+    assert meta["shinkansen_target_guidance"] == "1.0"
+
+
+def test_ileco_preserve_unconditional_joins_the_batch(tmp_path):
+    """The empty prompt is preserved like any other: zero gap at step 1 (first loss halves), first in the cycle."""
+    kw = dict(mode="iLECO", original_prompt="red", target_prompt="blue", train_snr_gamma=0, train_iterations=1)
+    _, plain = _run(tmp_path / "plain", **kw)
+    result, kept = _run(tmp_path / "kept", **kw, preserve_unconditional=True)
+    assert kept[0].loss == pytest.approx(plain[0].loss / 2, rel=1e-5)
+    _, meta = load_lora(result.saved[0])
+    assert meta["shinkansen_preserve_unconditional"] == "true" and "shinkansen_preserve_prompts" not in meta
+
+
+def test_ileco_long_prompts_share_a_batch(tmp_path):
+    """Prompts longer than one 75-token chunk are padded to a common length, not refused by torch.cat."""
+    long_prompt = ", ".join(["a large red circle on a white background"] * 12)
+    result, steps = _run(tmp_path, mode="iLECO", original_prompt=long_prompt, target_prompt="",
+                         preserve_prompts="orange", target_guidance=1.0, train_iterations=2)
+    assert result.status == "done" and len(steps) == 2
+
+
 def test_ileco_empty_target_erases(tmp_path):
     result, _ = _run(tmp_path, mode="iLECO", original_prompt="red", target_prompt="")
     assert result.saved

@@ -566,6 +566,12 @@ FIELDS: tuple[Field, ...] = (
     _f("preserve_prompts", "lines", (), "Prompts whose results must not change, one per line (e.g. neighbouring "
        "concepts such as 'orange' when moving 'red'): each step one of them is also trained to keep the "
        "frozen model's prediction with the LoRA on. Empty = none (TrainTrain's iLECO).", modes=(_I,)),
+    _f("preserve_unconditional", "bool", False, "Also keep the empty prompt's prediction unchanged with the LoRA "
+       "on. Generation uses it as CFG's unconditional half, so a LoRA that moves it shifts every image and blunts "
+       "an erase; recommended when erasing.", modes=(_I,)),
+    _f("target_guidance", "float", 0.0, "How far past the target the original prompt is pushed: the frozen "
+       "target is ε(target) + g·(ε(target) − ε(original)). 0 = TrainTrain's iLECO; about 1 with an empty target "
+       "is ESD's erase objective, whose effect survives the CFG used when generating.", modes=(_I,), ge=0, le=10),
     _f("original_image", "path", "", "Image without the change (the 'before' of the slider).", modes=(_D, _A),
        group="required", traintrain="original image"),
     _f("target_image", "path", "", "Image with the change, same size as the original.", modes=(_D, _A),
