@@ -136,17 +136,21 @@ class ModelBundle:
         emb = timestep_embedding(ids, 256).reshape(1, -1).to(like.dtype)
         return emb.expand(batch, -1)
 
-    def match_lengths(self, a: Cond, b: Cond) -> tuple[Cond, Cond]:
-        """Pad the shorter context with empty-prompt chunks so cond and uncond can share a batch."""
-        la, lb = a["context"].shape[1], b["context"].shape[1]
-        if la == lb:
-            return a, b
-        short, long_ = (a, b) if la < lb else (b, a)
-        empty = self.encode_prompts([""])["context"].to(short["context"].dtype)
-        missing = (long_["context"].shape[1] - short["context"].shape[1]) // empty.shape[1]
-        pad = empty.expand(short["context"].shape[0], -1, -1).repeat(1, missing, 1)
-        padded = dict(short, context=torch.cat([short["context"], pad], dim=1))
-        return (padded, b) if la < lb else (a, padded)
+    def match_lengths(self, *conds: Cond) -> tuple[Cond, ...]:
+        """Pad shorter contexts with empty-prompt chunks to the longest, so they can share a batch (cond and
+        uncond in CFG; iLECO's original, target and preserved prompts)."""
+        longest = max(c["context"].shape[1] for c in conds)
+        if all(c["context"].shape[1] == longest for c in conds):
+            return conds
+        empty = self.encode_prompts([""])["context"]
+        out = []
+        for c in conds:
+            missing = (longest - c["context"].shape[1]) // empty.shape[1]
+            if missing:
+                pad = empty.to(c["context"].dtype).expand(c["context"].shape[0], -1, -1).repeat(1, missing, 1)
+                c = dict(c, context=torch.cat([c["context"], pad], dim=1))
+            out.append(c)
+        return tuple(out)
 
     # ------------------------------------------------------------------ UNet and VAE
     def unet_call(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

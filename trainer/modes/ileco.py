@@ -32,12 +32,6 @@ from ..networks import networks_off
 from .common import new_network, repeat_cond, training, without_text_encoder
 
 
-def same_length(bundle, conds: list) -> list:
-    """Pad contexts with empty-prompt chunks to the longest, as the WebUI does, so they can share one batch."""
-    longest = max(conds, key=lambda c: c["context"].shape[1])
-    return [bundle.match_lengths(c, longest)[0] for c in conds]
-
-
 def prepare(s):
     return None   # prompts only: validated by the settings schema
 
@@ -57,7 +51,7 @@ def run(run, prepared=None) -> None:
         with torch.no_grad():
             kept = ([""] if s.preserve_unconditional else []) + list(s.preserve_prompts)
             keep = [run.encode_prompts([p], size=(h, w)) for p in kept]
-        c_orig, c_targ, *keep = same_length(bundle, [c_orig, c_targ, *keep])
+        c_orig, c_targ, *keep = bundle.match_lengths(c_orig, c_targ, *keep)   # long prompts share a batch
         co, ct = repeat_cond(c_orig, b), repeat_cond(c_targ, b)
         g = s.target_guidance
 
