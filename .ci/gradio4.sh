@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tab under gradio 4.x: Forge ships gradio 4.40.0, A1111 gradio 3.41.2 (the standalone pin), and
-# trainer/ui.py must build in both (trainer/compat.py hides the differences).
+# trainer/app/ui.py must build in both (trainer/app/compat.py hides the differences).
 #
 # .venv-gradio4 (repo root, git-ignored) is made with --system-site-packages (reusing torch, numpy,
 # matplotlib, pytest ...) and --without-pip (the interpreter's pip installs into it). Only Forge's web

@@ -34,7 +34,7 @@ def _load_package():
 
 
 _load_package()
-webui = importlib.import_module(PACKAGE + ".webui")
+webui = importlib.import_module(PACKAGE + ".webui.adapter")
 
 script_callbacks.on_ui_tabs(webui.ui_tabs)
 script_callbacks.on_ui_settings(webui.ui_settings)

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from trainer.generate import apply_loras, generate
-from trainer.judge import judge
+from trainer.world.judge import judge
 
 SEEDS = list(range(16))
 STEPS, CFG = 20, 5.0
@@ -56,7 +56,7 @@ class BaseStats:
 
 
 def prompt_colour(prompt: str) -> str:
-    from trainer import toy
+    from trainer.world import toy
     return next(w for w in prompt.split() if w in toy.COLORS)
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from app_server import AppServer, make_root, tiny_job
-from trainer import toy
+from trainer.world import toy
 
 AUTH = ("tester", "s3cret")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app_server import ROOT, AppServer, make_root
-from trainer import toy
+from trainer.world import toy
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-output"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import toy
+from trainer.world import toy
 from trainer.data import (BucketBatchSampler, DatasetOptions, collate, cover_crop, discover_pairs,
                           encode_dataset, join_caption, load_dataset, load_pixels, make_buckets)
 from trainer.errors import UserError

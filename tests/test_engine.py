@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer import toy
+from trainer.world import toy
 from trainer.engine import StopRequest, TrainingError
 from trainer.errors import UserError
 from trainer.events import EventBus, RunEvent, StepEvent

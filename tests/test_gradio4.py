@@ -20,12 +20,12 @@ SCRIPT = r"""
 import json, socket, sys, urllib.request
 from pathlib import Path
 import gradio as gr
-from trainer import compat
-from trainer.api import register_api
-from trainer.host import Host
-from trainer.jobs import queue_for
+from trainer.app import compat
+from trainer.app.api import register_api
+from trainer.app.host import Host
+from trainer.app.jobs import queue_for
 from trainer.settings import FIELDS
-from trainer.ui import build_tab
+from trainer.app.ui import build_tab
 
 root = Path(sys.argv[1])
 host = Host(root=root, lora_dir=root / "output")

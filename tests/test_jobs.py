@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import toy
+from trainer.world import toy
 from trainer.errors import UserError
-from trainer.host import Host
-from trainer.jobs import DuplicateJob, JobNotFound, JobQueue
+from trainer.app.host import Host
+from trainer.app.jobs import DuplicateJob, JobNotFound, JobQueue
 from trainer.settings import Settings
 
 TINY = dict(mode="LoRA", image_size=(64, 64), image_buckets_step=64, image_min_length=64, train_iterations=3,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from trainer import judge, toy
+from trainer.world import judge, toy
 
 HELD_OUT_SEED = 20250101          # the classifier trains on seed judge.TRAIN_SEED
 ATTRS = ("color", "shape", "size", "background")

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from trainer import toy
+from trainer.world import toy
 from trainer.generate import apply_loras, generate
-from trainer.judge import judge
+from trainer.world.judge import judge
 from trainer.models.loader import DEFAULT_MODEL, load_model
 from trainer.demo import demo_settings
 from trainer.events import EventBus

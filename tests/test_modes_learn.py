@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from trainer import toy
+from trainer.world import toy
 from trainer.events import EventBus
 from trainer.models.loader import DEFAULT_MODEL, load_model
 from trainer.runner import run_job

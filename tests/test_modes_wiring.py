@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import toy
+from trainer.world import toy
 from trainer.events import EventBus, StepEvent
 from trainer.models.loader import random_tiny_bundle
 from trainer.networks import load_lora

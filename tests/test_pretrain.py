@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.pretrain import PretrainConfig, Pretrainer
+from trainer.world.pretrain import PretrainConfig, Pretrainer
 
 SMALL = PretrainConfig(seed=5, vae_steps=4, vae_batch=4, n_latents=64, unet_steps=4, unet_batch=4,
                        warmup=2, checkpoint_every=1000, log_every=1000)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import toy
+from trainer.world import toy
 from trainer.generate import generate
-from trainer.judge import judge
+from trainer.world.judge import judge
 from trainer.models.checkpoint_io import read_header
 from trainer.models.configs import detect_family
 from trainer.models.loader import DEFAULT_MODEL, load_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import toy
+from trainer.world import toy
 
 
 def _draws(seed, n, **kw):

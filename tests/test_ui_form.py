@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import toy
+from trainer.world import toy
 from trainer.cli import main as cli
-from trainer.host import Host
-from trainer.jobs import JobQueue
+from trainer.app.host import Host
+from trainer.app.jobs import JobQueue
 from trainer.presets import PRESETS_DIR, list_presets, load_preset
 from trainer.settings import FIELDS, Settings, second_pass_fields
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tab(tmp_path_factory):
-    from trainer.ui import Form, build_tab
+    from trainer.app.ui import Form, build_tab
     root = tmp_path_factory.mktemp("ext")
     host = Host(root=root, lora_dir=root / "output")
     queue = JobQueue(host)                      # not started: building the tab runs nothing
@@ -101,7 +101,7 @@ def test_python_m_trainer_help_lists_serve_options():
 
 def test_samples_draw_with_the_current_model_and_refuse_a_missing_lora(tmp_path):
     from trainer.errors import UserError
-    from trainer.ui import generate_sample, lora_files
+    from trainer.app.ui import generate_sample, lora_files
     host = Host(root=tmp_path, lora_dir=tmp_path / "loras")
     image = generate_sample(host, Settings(), "a red circle", "", "", 1.0, 0, 3, "64,64")
     assert image.size == (64, 64)

@@ -40,8 +40,8 @@ def webui(tmp_path, monkeypatch, checkpoint):
     model = fake_webui.build_sd_model(checkpoint)
     mods = fake_webui.make_modules(tmp_path, sd_model=model)
     fake_webui.install(monkeypatch, mods)
-    monkeypatch.delitem(sys.modules, "trainer.webui", raising=False)
-    adapter = importlib.import_module("trainer.webui")
+    monkeypatch.delitem(sys.modules, "trainer.webui.adapter", raising=False)
+    adapter = importlib.import_module("trainer.webui.adapter")
     host = adapter.WebUIHost.create()
     host.root = tmp_path / "ext"
     return adapter, host, model, mods
@@ -117,7 +117,7 @@ def test_trains_on_the_loaded_model_without_reading_its_file(webui, no_checkpoin
                                                              if isinstance(e, StepEvent) else None]))
     assert result.status == "done" and len(steps) == 4
     # our modules, the WebUI's memory: every frozen tensor of the bundle is a view of the WebUI's
-    from trainer.webui_model import checkpoint_state
+    from trainer.webui.model import checkpoint_state
     theirs = checkpoint_state(model)
     ours = bundle.checkpoint_state_dict()
     assert ours.keys() == theirs.keys() and len(ours) > 100
@@ -316,7 +316,7 @@ def test_auto_precision_shares_half_weights_on_a_gpu(webui, monkeypatch):
 def test_a_queued_job_runs_through_the_webui_host(webui):
     """The real queue worker with the WebUI host: lock, shared model, LoRA in --lora-dir, Lora list refreshed."""
     import time
-    from trainer.jobs import JobQueue
+    from trainer.app.jobs import JobQueue
     adapter, host, model, mods = webui
     before = _snapshot(model)
     queue = JobQueue(host, poll_s=0.05).start()

@@ -40,7 +40,7 @@ def webui(tmp_path, monkeypatch):
     for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
         monkeypatch.delitem(sys.modules, name)
     yield mods, tmp_path
-    jobs = sys.modules.get(PACKAGE + ".jobs")
+    jobs = sys.modules.get(PACKAGE + ".app.jobs")
     for q in list(getattr(jobs, "_QUEUES", {}).values()):
         q.close(timeout=5)
     for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
@@ -120,12 +120,12 @@ def test_reload_ui_keeps_the_package_and_its_queue(webui):
 def test_unbuildable_tab_says_so_instead_of_breaking_the_webui(webui, monkeypatch):
     mods, tmp_path = webui
     script = _load(mods, tmp_path)
-    broken = types.ModuleType(PACKAGE + ".ui")
+    broken = types.ModuleType(PACKAGE + ".app.ui")
 
     def build_tab(host, queue=None):
         raise ImportError("gradio 9 is not supported")
     broken.build_tab = build_tab
-    monkeypatch.setitem(sys.modules, PACKAGE + ".ui", broken)
+    monkeypatch.setitem(sys.modules, PACKAGE + ".app.ui", broken)
     monkeypatch.setattr(sys.modules[PACKAGE], "ui", broken, raising=False)
     blocks, title, _ = mods["modules.script_callbacks"].callbacks["ui_tabs"][0]()[0]
     assert title == "Shinkansen" and "gradio 9 is not supported" in str(blocks.config)
@@ -153,11 +153,11 @@ def test_side_by_side_with_traintrain(webui, monkeypatch, tmp_path):
     assert not [n for n in sys.modules if n.startswith("trainer.") and n != "trainer.train"], \
         "our code must never be imported as trainer.*"
     ours = [n for n in sys.modules if n.startswith(PACKAGE + ".")]
-    assert PACKAGE + ".webui" in ours and PACKAGE + ".engine" in ours
+    assert PACKAGE + ".webui.adapter" in ours and PACKAGE + ".engine" in ours
     assert all(Path(sys.modules[n].__file__).is_relative_to(EXT_DIR / "trainer") for n in ours + [PACKAGE])
 
     callbacks = mods["modules.script_callbacks"].callbacks
     ours_tab = callbacks["ui_tabs"][-1]()
     assert ours_tab[0][1] == "Shinkansen" and "cannot run" not in str(ours_tab[0][0].config)
-    assert type(script.webui.host()).__module__ == PACKAGE + ".webui"
+    assert type(script.webui.host()).__module__ == PACKAGE + ".webui.adapter"
     assert [t()[0][1] for t in callbacks["ui_tabs"][:1]] == ["TrainTrain"]

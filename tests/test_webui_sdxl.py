@@ -17,7 +17,7 @@ from trainer.models.schedule import NoiseSchedule
 from trainer.models.tokenizer import ClipTokenizer
 from trainer.models.unet import UNetConfig, UNetModel
 from trainer.models.vae import AutoencoderKL
-from trainer.webui_model import bundle_from_webui, checkpoint_state
+from trainer.webui.model import bundle_from_webui, checkpoint_state
 
 
 def _param_tree(state: dict) -> nn.Module:

@@ -73,7 +73,7 @@ def run_case(case: str, steps: int, warmup: int, resolution: int, batch: int, ra
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from . import toy
+    from .world import toy
     from .engine import Run
     from .events import EventBus, StepEvent, peak_memory_mb
     from .runner import run_job

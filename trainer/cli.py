@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect", help="JSON report of a LoRA file: keys, modules per block, norms, metadata")
     sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
-    from .server import add_serve_args
+    from .app.server import add_serve_args
     sv = sub.add_parser("serve", help="serve the tab and the HTTP API (the default with no command)")
     add_serve_args(sv)
 
@@ -140,12 +140,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from . import toy
+    from .world import toy
     return toy.main(args.toy_args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from . import pretrain
+    from .world import pretrain
     return pretrain.main(args.pretrain_args)
 
 
@@ -160,18 +160,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import inspect_lora
+    from .tools import inspect_lora
     return inspect_lora.main(args.inspect_args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .app.server import serve
     return serve(args)
 
 
 def _queue_host(args: argparse.Namespace):
     from .engine import ROOT
-    from .host import Host
+    from .app.host import Host
     root = Path(args.root).resolve() if args.root else ROOT
     return Host(root=root, lora_dir=Path(args.lora_dir).resolve() if args.lora_dir else root / "output")
 
@@ -179,7 +179,7 @@ def _queue_host(args: argparse.Namespace):
 def cmd_queue(args: argparse.Namespace) -> int:
     """Works on the database directly (no worker here): a running app picks added jobs up within a second."""
     import json
-    from .jobs import JobQueue
+    from .app.jobs import JobQueue
     from .settings import Settings
     queue = JobQueue(_queue_host(args))
     if args.queue_command == "add":
@@ -203,7 +203,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_files
+    from .app.plot import plot_files
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the output must be a .png file")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import toy
+from .world import toy
 from .errors import UserError
 
 
@@ -36,7 +36,7 @@ def main(argv: Optional[list] = None) -> int:
 
     from .generate import apply_loras, generate, grid
     from .models.loader import DEFAULT_MODEL, load_model_or_default
-    from .plot import plot_files
+    from .app.plot import plot_files
     from .runner import run_job
 
     out = Path(args.out)

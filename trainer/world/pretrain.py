@@ -1,4 +1,4 @@
-"""Pretraining the embedded tiny model on the procedural shapes world (``trainer.toy``).
+"""Pretraining the embedded tiny model on the procedural shapes world (``trainer.world.toy``).
 
 Two phases, as SD itself was built: first the VAE (pixel L1 + L2 and a tiny KL), then it
 is frozen, a fixed set of world images is encoded once, and the UNet and the text encoder
@@ -10,7 +10,7 @@ Deterministic for a seed on a given machine and thread count: every random draw 
 generators whose states are saved in each checkpoint, so ``--resume`` continues to exactly
 the result of an uninterrupted run. Run it in the background; it logs progress and ETA.
 
-    python -m trainer.pretrain --work runs/pretrain --out trainer/assets/tiny-sd [--resume]
+    python -m trainer.world.pretrain --work runs/pretrain --out trainer/assets/tiny-sd [--resume]
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from . import toy
-from .models.bundle import ModelBundle
-from .models.schedule import NoiseSchedule
-from .models.text_encoders import build_text_encoder
-from .models.tiny import tiny_config, tokenizer_vocab, write_model_files
-from .models.tokenizer import ClipTokenizer
-from .models.unet import UNetModel
-from .models.vae import AutoencoderKL
+from ..models.bundle import ModelBundle
+from ..models.schedule import NoiseSchedule
+from ..models.text_encoders import build_text_encoder
+from ..models.tiny import tiny_config, tokenizer_vocab, write_model_files
+from ..models.tokenizer import ClipTokenizer
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
 
 
 @dataclass
@@ -310,9 +310,9 @@ class Pretrainer:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.world.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/pretrain", help="folder for checkpoints, cached latents and the log")
-    p.add_argument("--out", default=str(Path(__file__).parent / "assets" / "tiny-sd"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"))
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
     p.add_argument("--extend", action="store_true",
                    help="with --resume: continue the UNet phase to a larger --unet-steps than it was started with")

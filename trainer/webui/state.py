@@ -1,6 +1,6 @@
 """Leaving the WebUI's model as it was, and clean before we start.
 
-Two jobs, both on plain objects handed in by ``trainer/webui.py`` (nothing here imports the
+Two jobs, both on plain objects handed in by ``trainer/webui/adapter.py`` (nothing here imports the
 WebUI):
 
 - :func:`reset_builtin_lora`: the built-in Lora extension merges a generation's LoRAs into

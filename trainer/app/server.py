@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .engine import ROOT
-from .errors import UserError
+from ..engine import ROOT
+from ..errors import UserError
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

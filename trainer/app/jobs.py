@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
-from .errors import UserError
-from .events import ConsoleProgress, EventBus, RunEvent, StepEvent
-from .settings import IMAGE_FIELDS, Settings, fields_for_mode
+from ..errors import UserError
+from ..events import ConsoleProgress, EventBus, RunEvent, StepEvent
+from ..settings import IMAGE_FIELDS, Settings, fields_for_mode
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class JobQueue:
     def add(self, settings: Union[Settings, Mapping[str, Any]], *, front: bool = False) -> Job:
         """Validate and append a job (``front``: run it next). Refuses bad settings, a name already queued
         or running, and an existing output file without ``save_overwrite`` -- before anything is stored."""
-        from .runner import check_output
+        from ..runner import check_output
         if not isinstance(settings, Settings):
             settings = Settings.from_dict(settings)
         settings.validate_for_run(check_files=True)
@@ -366,7 +366,7 @@ class JobQueue:
         ``resume``: continue from the training state the job saved (``save_state``; written every
         ``save_every_n_steps`` and on stop) instead of starting over; an error if there is none.
         """
-        from .runner import check_output
+        from ..runner import check_output
         with self._tx() as db:
             job = self._get(db, job_id)
             if job.state in ACTIVE:
@@ -497,8 +497,8 @@ class JobQueue:
                        (state, message, json.dumps(result), time.time(), job_id, os.getpid()))
 
     def _run(self, job: Job) -> None:
-        from .engine import StopRequest, Stopped
-        from .runner import run_job
+        from ..engine import StopRequest, Stopped
+        from ..runner import run_job
         stop = StopRequest()
         self._current = (job.id, stop)
         self.progress.begin(job)

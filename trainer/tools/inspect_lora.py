@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 FAMILY_OF_VERSION = {"sd_v1": "sd15", "sd_v2": "sd21", "sd_v2_v": "sd21v", "sdxl_base_v1-0": "sdxl"}
 
@@ -27,10 +27,10 @@ def _guess_family(names, metadata: dict) -> str:
 
 
 def _layout(family: str):
-    from .models.configs import builtin_config
-    from .models.text_encoders import build_text_encoder
-    from .models.unet import UNetModel
-    from .networks.targets import name_table
+    from ..models.configs import builtin_config
+    from ..models.text_encoders import build_text_encoder
+    from ..models.unet import UNetModel
+    from ..networks.targets import name_table
     cfg = builtin_config(family)
     with torch.device("meta"):
         unet = UNetModel(cfg.unet)
@@ -50,8 +50,8 @@ def delta_norm(tensors: dict) -> Optional[float]:
 
 
 def inspect(path: Path) -> dict:
-    from .networks import load_lora
-    from .networks.network import split_modules
+    from ..networks import load_lora
+    from ..networks.network import split_modules
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")

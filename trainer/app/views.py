@@ -9,7 +9,7 @@ import datetime as _dt
 from html import escape
 from typing import Optional, Sequence
 
-from .events import _fmt_time
+from ..events import _fmt_time
 from .jobs import Job, Progress
 
 

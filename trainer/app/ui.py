@@ -20,10 +20,10 @@ from typing import Any, Optional
 import gradio as gr
 
 from . import compat
-from .errors import UserError
+from ..errors import UserError
 from .plot import figure, list_runs, read_loss_csv, run_in_logs
-from .presets import list_presets, load_preset, save_preset
-from .settings import FIELDS, IMAGE_FIELDS, MODES, Field, Settings, second_pass_fields
+from ..presets import list_presets, load_preset, save_preset
+from ..settings import FIELDS, IMAGE_FIELDS, MODES, Field, Settings, second_pass_fields
 from .views import message_html, progress_html, queue_html
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class _ModelCache:
         got = host.bundle_for(settings)
         if got is not None:
             return got[0]
-        from .models.loader import load_model_or_default
+        from ..models.loader import load_model_or_default
         key = (settings.model_checkpoint, settings.model_vae)
         if key != self.key:
             self.bundle = load_model_or_default(settings.model_checkpoint or None, vae=settings.model_vae or None,
@@ -164,7 +164,7 @@ _MODELS = _ModelCache()
 def generate_sample(host, settings: Settings, prompt: str, negative: str, lora: str, weight: float, seed: int,
                     steps: int, size: str):
     """One image from the current model with an optional LoRA (removed again afterwards)."""
-    from .generate import apply_loras, generate
+    from ..generate import apply_loras, generate
     if not prompt.strip():
         raise UserError("prompt: enter what to draw")
     hw = Field("size", "size", (64, 64), "").validate(size) if size.strip() else None

@@ -24,11 +24,11 @@ import torch
 
 from modules import call_queue, devices, paths, sd_models, shared
 
-from .engine import DTYPES, ROOT, resolve_precision
-from .errors import UserError
-from .host import Host
-from .webui_model import bundle_from_webui, replace_vae
-from .webui_state import ModelSnapshot, reset_builtin_lora
+from ..engine import DTYPES, ROOT, resolve_precision
+from ..errors import UserError
+from ..app.host import Host
+from .model import bundle_from_webui, replace_vae
+from .state import ModelSnapshot, reset_builtin_lora
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class WebUIHost(Host):
             raise UserError("no model is loaded in the WebUI; load one or pick a checkpoint in the Model dropdown")
         same = model is not None and (picked is None or self._same_file(picked, loaded_file))
         if not (same and _option("shinkansen_share_model") and _ldm_shaped(model)):
-            from .runner import load_bundle
+            from ..runner import load_bundle
             if picked is None and not loaded_file:
                 raise UserError("the WebUI's model cannot be shared and has no checkpoint file; "
                                 "pick a checkpoint in the Model dropdown")
@@ -341,14 +341,14 @@ def host() -> WebUIHost:
 def job_queue():
     """The one queue of this WebUI process (it outlives UI reloads)."""
     if "queue" not in _state:
-        from . import jobs
+        from ..app import jobs
         _state["queue"] = jobs.queue_for(host()) if hasattr(jobs, "queue_for") else jobs.JobQueue(host()).start()
     return _state["queue"]
 
 
 def ui_tabs() -> list:
     try:
-        from .ui import build_tab
+        from ..app.ui import build_tab
         blocks = build_tab(host(), job_queue())
     except Exception as e:  # noqa: BLE001 - an unsupported environment gets a tab saying so, not a dead WebUI
         log.exception("Shinkansen: could not build the tab")
@@ -374,7 +374,7 @@ def ui_settings() -> None:
 
 def app_started(demo, app) -> None:
     """API routes under /shinkansen/v1, behind ``--api-auth`` when it is set."""
-    from .api import register_api
+    from ..app.api import register_api
     credentials = api_credentials()
     h = host()
     h.auth = next(iter(credentials.items()), None)

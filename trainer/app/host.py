@@ -1,7 +1,7 @@
 """What the environment gives the queue, the UI and the API: standalone process or the WebUI.
 
 The rest of the product never asks "am I in the WebUI?"; it asks the host. The standalone
-host loads models from files; the WebUI host (``trainer/webui.py``) shares the loaded
+host loads models from files; the WebUI host (``trainer/webui/adapter.py``) shares the loaded
 model's tensors, holds the WebUI's generation lock for a whole job and restores the WebUI
 model afterwards. Both are plain objects with the same methods, so tests can use either.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
-from .engine import ROOT
+from ..engine import ROOT
 
 
 @dataclass

@@ -19,7 +19,7 @@ diffusion model produces. Pipeline per image:
    ``SIZE_AREA_THRESHOLD`` = 0.110), and it does not depend on the shape being right;
 6. ``shape`` from a tiny CNN on the coverage map cropped around the object and resized to
    32×32, so it ignores colour, position and scale. Its weights (~17 KB) ship in
-   ``assets/judge``; ``python -m trainer.judge --train`` rebuilds them bit for bit.
+   ``assets/judge``; ``python -m trainer.world.judge --train`` rebuilds them bit for bit.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ try:  # optional: fast labelling; the numpy fallback gives identical components
 except ImportError:  # pragma: no cover - depends on the environment
     _ndimage = None
 
-WEIGHTS_PATH = Path(__file__).resolve().parent / "assets" / "judge" / "shape_classifier.safetensors"
+WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "assets" / "judge" / "shape_classifier.safetensors"
 FG_THRESHOLD = 40.0           # RGB distance: noise ±10 gives ≤ 17; weakest object/background (purple/gray) 116
 MIN_FG_FRACTION = 16 / 4096   # fewer foreground pixels than this is "nothing drawn" (smallest object ≈ 85)
 EXTENT_THRESHOLD = 26.0       # px at 64 px: ≈ sqrt(20 × 34), see the module docstring
@@ -330,7 +330,7 @@ def load_classifier(path: str | None = None) -> ShapeNet:
     from safetensors.torch import load_file
     p = Path(path) if path else WEIGHTS_PATH
     if not p.exists():
-        raise FileNotFoundError(f"{p} is missing; run `python -m trainer.judge --train`")
+        raise FileNotFoundError(f"{p} is missing; run `python -m trainer.world.judge --train`")
     net = ShapeNet().float()
     net.load_state_dict(load_file(str(p)))
     return net.eval()
@@ -399,8 +399,8 @@ def accuracy(judgements: Sequence[Judgement], expected: Mapping[str, Any]) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainer.judge IMG...`` prints judgements; ``--train`` rebuilds the weights."""
-    p = argparse.ArgumentParser(prog="python -m trainer.judge", description=__doc__.splitlines()[0])
+    """``python -m trainer.world.judge IMG...`` prints judgements; ``--train`` rebuilds the weights."""
+    p = argparse.ArgumentParser(prog="python -m trainer.world.judge", description=__doc__.splitlines()[0])
     p.add_argument("images", nargs="*", help="image files to judge")
     p.add_argument("--train", action="store_true", help="retrain the shape classifier")
     p.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="weights file for --train")

@@ -10,7 +10,7 @@ the WebUI's modules. Only a dtype or device change copies (tensor by tensor).
 
 This module reads plain attributes of the A1111 1.10 model object (``model.diffusion_model``,
 ``first_stage_model``, ``cond_stage_model`` / ``conditioner``) and imports nothing from the
-WebUI; ``trainer/webui.py`` hands the object in.
+WebUI; ``trainer/webui/adapter.py`` hands the object in.
 """
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ from typing import Mapping, Optional
 
 import torch
 
-from .errors import UserError
-from .models.bundle import ModelBundle
-from .models.checkpoint_io import CheckpointError
-from .models.configs import (UNET_PREFIX, VAE_PREFIX, ModelConfig, TextEncoderSpec, apply_yaml,
+from ..errors import UserError
+from ..models.bundle import ModelBundle
+from ..models.checkpoint_io import CheckpointError
+from ..models.configs import (UNET_PREFIX, VAE_PREFIX, ModelConfig, TextEncoderSpec, apply_yaml,
                              config_from_shapes)
-from .models.schedule import NoiseSchedule
-from .models.text_encoders import load_text_encoder
-from .models.tokenizer import ClipTokenizer
-from .models.unet import UNetModel
-from .models.vae import AutoencoderKL
+from ..models.schedule import NoiseSchedule
+from ..models.text_encoders import load_text_encoder
+from ..models.tokenizer import ClipTokenizer
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
 
 FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -171,7 +171,7 @@ def bundle_from_webui(sd_model, *, tokenizer: Optional[ClipTokenizer] = None, dt
     config = webui_config(sd_model, state, source)
     tokenizer = tokenizer or webui_tokenizer(sd_model)
     if tokenizer is None:
-        from .models.loader import load_tokenizer
+        from ..models.loader import load_tokenizer
         tokenizer = load_tokenizer(config)
     with torch.device("meta"):
         unet = UNetModel(config.unet)
@@ -197,7 +197,7 @@ def shares_storage(bundle: ModelBundle, sd_model) -> bool:
 
 def replace_vae(bundle: ModelBundle, path: Path, dtype: Optional[torch.dtype] = None) -> None:
     """A VAE file picked in the tab instead of the WebUI's (only the VAE is read from disk)."""
-    from .models.loader import _vae_state
+    from ..models.loader import _vae_state
     with torch.device("meta"):
         vae = AutoencoderKL(**bundle.config.vae.kwargs())
     try:

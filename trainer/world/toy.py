@@ -1,6 +1,6 @@
 """The procedural world the embedded tiny model is pretrained on: one coloured shape per image.
 
-A world this small makes every generated image *measurable* (see ``trainer.judge``), so
+A world this small makes every generated image *measurable* (see ``trainer.world.judge``), so
 training modes can be tested on CPU by asking "did the prompt give what it says?".
 
 Attributes (all drawn uniformly):
@@ -285,8 +285,8 @@ def make_pair(shape: str, color: str, background: str, cx: float, cy: float, rad
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainer.toy --out DIR --n 16 --seed 0 [--shape …]``: write a dataset."""
-    p = argparse.ArgumentParser(prog="python -m trainer.toy", description="write a toy-world dataset")
+    """``python -m trainer.world.toy --out DIR --n 16 --seed 0 [--shape …]``: write a dataset."""
+    p = argparse.ArgumentParser(prog="python -m trainer.world.toy", description="write a toy-world dataset")
     p.add_argument("--out", required=True, help="output folder (NNNN.png + NNNN.txt)")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

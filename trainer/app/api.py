@@ -18,11 +18,11 @@ from typing import Any, Optional, Union
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .errors import UserError
+from ..errors import UserError
 from .jobs import DuplicateJob, JobNotFound, JobQueue
 from .plot import list_runs, read_loss_csv, series_dict
-from .presets import list_presets, load_preset
-from .settings import FIELDS, Settings
+from ..presets import list_presets, load_preset
+from ..settings import FIELDS, Settings
 
 PREFIX = "/shinkansen/v1"
 
