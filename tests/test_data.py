@@ -145,6 +145,32 @@ def test_corrupt_files_one_warning_and_errors(tmp_path, caplog):
         load_dataset(tmp_path / "nowhere", _opts())
 
 
+def test_corrupt_image_messages_name_the_file_not_a_buffer(tmp_path, caplog):
+    """A corrupt .png: the warning, the "nothing usable" error and a file spoilt after planning each say
+    which file, in one line, and never PIL's ``<_io.BytesIO object at 0x…>``."""
+    toy.make_dataset(tmp_path, 1, seed=0)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        ds = load_dataset(tmp_path, _opts())
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "broken.png (unknown format or corrupt file)" in warning and "BytesIO" not in warning
+    assert ds.report.unreadable == [("broken.png", "unknown format or corrupt file")]
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(UserError) as e:
+        load_dataset(only_bad, _opts())
+    assert "broken.png (unknown format or corrupt file)" in str(e.value)
+    assert "\n" not in str(e.value) and "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+
+    spoilt = ds.placements[0].record.path     # replaced between planning and encoding
+    spoilt.write_bytes(b"garbage")
+    with pytest.raises(UserError) as e:
+        load_pixels(ds.placements[0])
+    assert str(e.value) == f"{spoilt}: not a readable image (unknown format or corrupt file)"
+
+
 def test_no_usable_images_fails_before_any_model_or_torch(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     code = ("import sys; from trainer.data import load_dataset; from trainer.errors import UserError\n"

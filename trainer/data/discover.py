@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 from .buckets import Buckets, Size, cover_crop, make_buckets
@@ -213,12 +213,35 @@ def folder_repeats(rel: str) -> int:
 
 
 # ---------------------------------------------------------------------- image decoding
-def open_image(data: bytes) -> Image.Image:
-    """Decode fully (so truncated files fail here) and apply EXIF orientation."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        out = ImageOps.exif_transpose(im)
-        return out if out is not im else im.copy()
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded: one line naming the file; ``reason`` says why without it."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: not a readable image ({reason})")
+        self.reason = reason
+
+
+def _decode_problem(e: Exception) -> str:
+    """The decoder's complaint as one short line. PIL's "cannot identify image file" quotes the file
+    object it was given, here an in-memory buffer (``<_io.BytesIO object at 0x…>``) that names nothing
+    the user knows, so that one is replaced; the caller names the path."""
+    if isinstance(e, UnidentifiedImageError):
+        return "unknown format or corrupt file"
+    if isinstance(e, OSError) and e.strerror:            # file-system errors: the reason, not the path again
+        return e.strerror
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:160]
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode fully (so truncated files fail here) and apply EXIF orientation; any failure is an
+    :class:`UnreadableImage` naming ``path``. Read into memory first so no file handle outlives the call."""
+    try:
+        with Image.open(io.BytesIO(Path(path).read_bytes())) as im:
+            im.load()
+            out = ImageOps.exif_transpose(im)
+            return out if out is not im else im.copy()
+    except Exception as e:  # PIL's format plugins raise many types for bad data; all mean "unreadable"
+        raise UnreadableImage(path, _decode_problem(e)) from None
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -231,9 +254,9 @@ def _has_alpha(im: Image.Image) -> bool:
 
 def probe_image(path: Path) -> tuple[int, int, bool]:
     """(height, width, has_alpha) of a readable image; raises on anything unreadable."""
-    im = open_image(path.read_bytes())
+    im = open_image(path)
     if im.width < 1 or im.height < 1:
-        raise ValueError("empty image")
+        raise UnreadableImage(path, "empty image")
     return im.height, im.width, _has_alpha(im)
 
 
@@ -252,7 +275,7 @@ def load_pixels(p: Placement) -> tuple[np.ndarray, Optional[np.ndarray]]:
     background, not with black); the mask is ``alpha > 0.5`` at pixel size, then
     area-averaged over each 8x8 block, giving a soft weight in [0, 1] per latent pixel.
     """
-    im = open_image(p.record.path.read_bytes())
+    im = open_image(p.record.path)
     alpha = None
     if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
@@ -287,8 +310,8 @@ def _scan(folder: Path, report: DatasetReport) -> list[ImageRecord]:
         rel = path.relative_to(folder).as_posix()
         try:
             h, w, alpha = probe_image(path)
-        except Exception as e:  # any decoder error means "unreadable": report, never crash
-            report.unreadable.append((rel, f"{type(e).__name__}: {e}"[:200]))
+        except UnreadableImage as e:   # reported, never a crash
+            report.unreadable.append((rel, e.reason))
             continue
         records.append(ImageRecord(path, rel, h, w, alpha, "", 1))
     if report.unreadable:
@@ -363,7 +386,8 @@ def load_dataset(folder: os.PathLike | str, options: Optional[DatasetOptions] = 
 def _nothing_usable(root: Path, report: DatasetReport) -> str:
     why = []
     if report.unreadable:
-        why.append(f"{len(report.unreadable)} unreadable")
+        named = "; ".join(f"{p} ({reason})" for p, reason in report.unreadable[:3])
+        why.append(f"{len(report.unreadable)} unreadable: {named}{'; …' if len(report.unreadable) > 3 else ''}")
     if report.too_small:
         why.append(f"{len({p for p, _ in report.too_small})} smaller than their bucket with image_disable_upscale on")
     if report.unmatched:
