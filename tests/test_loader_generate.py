@@ -130,3 +130,41 @@ def test_default_model_runs_and_says_what_it_is(tmp_path):
     from trainer.models.loader import DEFAULT_MODEL
     if not DEFAULT_MODEL.is_file():
         assert "RANDOM-INITIALISED" in r.stderr
+
+
+def _has(device: str) -> bool:
+    return torch.cuda.is_available() if device.startswith("cuda") else torch.backends.mps.is_available()
+
+
+@pytest.mark.parametrize("command,device", [("train", "cuda"), ("generate", "mps"), ("generate", "cuda:1")])
+def test_device_this_torch_lacks_is_one_line(tmp_path, command, device):
+    """``--device cuda``/``mps`` where this PyTorch has no such device: one line naming it, no traceback."""
+    if _has(device):
+        pytest.skip(f"{device} exists here")
+    job = tmp_path / "job.json"
+    job.write_text('{"mode": "iLECO", "original_prompt": "red", "train_iterations": 1, "image_size": 64}')
+    args = (["train", str(job), "--lora-dir", str(tmp_path)] if command == "train"
+            else ["generate", "--prompt", "x", "-o", str(tmp_path / "o.png")])
+    r = _run(*args, "--device", device)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --device {device}: "), r.stderr
+    assert "use --device cpu" in lines[0] and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_device_is_checked_before_the_model_loads(monkeypatch, tmp_path):
+    """A queued or CLI job with a missing device fails before any model work."""
+    from trainer import runner
+    from trainer.errors import UserError
+    from trainer.settings import Settings
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the device was checked")
+    monkeypatch.setattr("trainer.models.loader.load_model", must_not_load)
+    monkeypatch.setattr("trainer.models.loader.random_tiny_bundle", must_not_load)
+    device = "mps" if not _has("mps") else "cuda:99"
+    s = Settings({"mode": "iLECO", "original_prompt": "red", "train_iterations": 1, "image_size": 64})
+    with pytest.raises(UserError, match=f"^--device {device}: "):
+        runner.run_job(s, lora_dir=tmp_path, device=device, log_dir=tmp_path, json_dir=tmp_path)
+    with pytest.raises(UserError, match="not a device"):
+        runner.run_job(s, lora_dir=tmp_path, device="gpu0", log_dir=tmp_path, json_dir=tmp_path)

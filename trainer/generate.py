@@ -93,7 +93,7 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[st
                      cfg: float = 5.0, size=None, sampler: str = "ddim", clip_skip=None, num_images: int = 1,
                      model=None, vae=None, prediction=None, tokenizer=None, device=None,
                      log: Callable[[str], None] = print) -> Path:
-    from .models.loader import load_model_or_default
+    from .models.loader import load_model_or_default, resolve_device
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise UserError(f"{output}: the output must be a .png file")
@@ -101,6 +101,7 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[st
         raise UserError(f"{output.parent}: output folder does not exist")
     if num_images < 1:
         raise UserError("--num-images must be at least 1")
+    device = resolve_device(device)
     parsed = [parse_lora_arg(x) for x in loras]
     for path, _ in parsed:
         if not path.is_file():

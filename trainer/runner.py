@@ -53,9 +53,8 @@ def check_output(settings: Settings, lora_dir: Path) -> None:
 
 
 def load_bundle(settings: Settings, device=None, log_fn: Optional[Callable[[str], None]] = None):
-    from .models.loader import DEFAULT_MODEL, load_model
-    import torch
-    device = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    from .models.loader import DEFAULT_MODEL, load_model, resolve_device
+    device = resolve_device(device)
     dtype = resolve_precision(settings.train_model_precision, device)
     path = Path(settings.model_checkpoint) if settings.model_checkpoint else DEFAULT_MODEL
     if not settings.model_checkpoint and not path.is_file():
@@ -100,6 +99,9 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     events = events or EventBus([ConsoleProgress()])
     settings.validate_for_run(check_files=True)
     check_output(settings, lora_dir)
+    if bundle is None:                          # a device this machine lacks: one line, before any work
+        from .models.loader import resolve_device
+        device = resolve_device(device)
     mode = mode_module(settings.mode)
     prepared = mode.prepare(settings)           # model-free input checks (folders, images, pairs)
     if bundle is None:

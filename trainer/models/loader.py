@@ -29,8 +29,36 @@ DEFAULT_TOKENIZERS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "openai/cli
 Log = Callable[[str], None]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device=None) -> torch.device:
+    """``--device`` as a torch device (empty = cuda when available, else cpu), checked before any model work.
+
+    ``torch.device("cuda")`` succeeds even where PyTorch has no CUDA; the failure would come from deep
+    inside a model load as a traceback. Here a device this build or machine lacks is one line saying so.
+    """
+    if device is None or (isinstance(device, str) and not device.strip()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        _check_cuda(dev, device)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        why = ("this PyTorch build has no MPS support" if not torch.backends.mps.is_built()
+               else "MPS needs an Apple-silicon Mac with macOS 12.3 or later")
+        raise UserError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: {dev.type} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def _check_cuda(dev: torch.device, given) -> None:
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {given}: {why} (torch {torch.__version__}); use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise UserError(f"--device {given}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -71,6 +99,7 @@ def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction
                log: Optional[Log] = None) -> ModelBundle:
     """A checkpoint file → ModelBundle on ``device`` in ``dtype`` (frozen, eval mode)."""
     path = Path(path)
+    device = resolve_device(device)
     shapes = shapes_of(path)
     config = config_from_shapes(shapes, str(path))
     yaml_path = path.with_suffix(".yaml")
@@ -107,7 +136,6 @@ def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but {path.name}'s text encoder only "
                         f"{encoders[0].config.vocab_size}: wrong tokenizer for this model")
     bundle = ModelBundle(config, unet, vae_model, encoders, tok, NoiseSchedule(), name=path.stem, source=str(path))
-    device = torch.device(device) if device is not None else default_device()
     bundle.to(device=device, dtype=dtype).requires_grad_(False).eval()
     if log:
         log(f"loaded {path.name}: {config.title}, {config.prediction_type}, native {config.native_size[0]}x"
@@ -127,7 +155,7 @@ def random_tiny_bundle(seed: int = 0, device=None) -> ModelBundle:
     vae_model = AutoencoderKL(**config.vae.kwargs())
     te = build_text_encoder("sd1", config.text_encoders[0].config)
     bundle = ModelBundle(config, unet, vae_model, [te], tok, NoiseSchedule(), name="random-tiny")
-    return bundle.to(device=device or default_device()).requires_grad_(False).eval()
+    return bundle.to(device=resolve_device(device)).requires_grad_(False).eval()
 
 
 def load_model_or_default(model: Optional[str | Path] = None, *, log: Optional[Log] = None, **kw) -> ModelBundle:
