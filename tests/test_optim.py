@@ -75,6 +75,42 @@ def test_unknown_and_missing_optimizers_are_clear():
         lr_lambda("sometimes", 10)
 
 
+@pytest.fixture
+def prodigy_absent(monkeypatch):
+    """prodigyopt not installed, whatever this machine has (the package lookup is what the check uses)."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "prodigyopt" else real(name, *a, **kw))
+
+
+def test_missing_optimizer_package_fails_before_any_model_work(prodigy_absent, monkeypatch, tmp_path):
+    """The README promises every user mistake is caught before the model loads; an optimizer whose
+    package is missing is one: the settings check names the optimizer and the pip package, so a CLI
+    run never reaches the model loader, and the queue and API refuse the job when it is added."""
+    from trainer.app.host import Host
+    from trainer.app.jobs import JobQueue
+    from trainer.runner import run_job
+    from trainer.settings import Settings
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the optimizer's package was checked")
+    monkeypatch.setattr("trainer.models.loader.load_model", must_not_load)
+    monkeypatch.setattr("trainer.models.loader.random_tiny_bundle", must_not_load)
+    want = "train_optimizer: Prodigy needs the package 'prodigyopt', which is not installed: pip install prodigyopt"
+    s = Settings({"mode": "iLECO", "original_prompt": "red", "train_optimizer": "Prodigy", "train_learning_rate": 1})
+    assert [str(e) for e in s.problems()] == [want]
+    with pytest.raises(UserError, match=f"^{want}$"):
+        run_job(s, lora_dir=tmp_path, log_dir=tmp_path, json_dir=tmp_path)
+    queue = JobQueue(Host(root=tmp_path, lora_dir=tmp_path / "loras"))
+    with pytest.raises(UserError, match=f"^{want}$"):
+        queue.add(s)
+    assert queue.list() == []
+    # Difference's 2nd pass may switch optimizer: checked as well
+    d = Settings({"mode": "Difference", "use_2nd_pass_settings": True}, second_pass={"train_optimizer": "Prodigy"})
+    assert "second_pass." + want in [str(e) for e in d.problems(check_files=False)]
+
+
 def test_bad_optimizer_arguments_are_clear():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(UserError, match="train_optimizer_settings"):

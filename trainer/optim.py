@@ -1,17 +1,17 @@
 """Optimizer and learning-rate scheduler registry.
 
 Optimizers from other packages are imported only when chosen, so a missing package is a
-clear one-line error naming what to install, not an import failure at start-up. The LR
-schedules are plain functions of the step (``LambdaLR``), so they need no extra package
-and resume exactly from a saved step.
+clear one-line error naming what to install, not an import failure at start-up; the settings
+check finds it (:func:`missing_optimizer_package`) before any model work. The LR schedules are
+plain functions of the step (``LambdaLR``), so they need no extra package and resume exactly
+from a saved step. torch is imported only where it is used, so the settings check stays light.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from typing import Any, Callable, Iterable, Sequence
-
-import torch
 
 from .errors import UserError
 
@@ -38,6 +38,23 @@ def _key(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
 
 
+def _needs_package(name: str, package: str) -> str:
+    return f"{name} needs the package '{package}', which is not installed: pip install {package}"
+
+
+def missing_optimizer_package(name: str) -> str | None:
+    """Why optimizer ``name`` cannot run here (its package is not installed), else None.
+
+    Only looks the package up (``find_spec`` of its top-level name imports nothing), so the settings
+    check can tell before the model load and latent encoding that would otherwise come first.
+    """
+    entry = _OPTIMIZERS.get(_key(name))
+    if entry is None:          # unknown names are the schema's error
+        return None
+    module, _, package, _ = entry
+    return _needs_package(name, package) if importlib.util.find_spec(module.split(".")[0]) is None else None
+
+
 def optimizer_class(name: str):
     key = _key(name)
     if key not in _OPTIMIZERS:
@@ -46,7 +63,7 @@ def optimizer_class(name: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError:
-        raise UserError(f"train_optimizer {name} needs the package '{package}': pip install {package}") from None
+        raise UserError(f"train_optimizer: {_needs_package(name, package)}") from None
     except AttributeError:
         raise UserError(f"train_optimizer {name}: installed '{package}' has no {attr}; upgrade it") from None
 
@@ -143,6 +160,7 @@ def lr_lambda(name: str, total_steps: int, warmup: int = 0, cycles: int = 1, pow
 def build_scheduler(optimizer, name: str, total_steps: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
                     step_rules: str = "", settings: dict | None = None):
     """``settings`` = the user's scheduler ``key=value`` args (``eta_min`` for cosine_annealing)."""
+    import torch
     settings = dict(settings or {})
     eta_min = float(settings.pop("eta_min", 0.0))
     if settings:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import UserError
+from .optim import missing_optimizer_package
 
 SETTINGS_VERSION = 1
 
@@ -1022,6 +1023,9 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
     if s.sample_every_n_steps > 0 and not s.sample_prompts:
         err("sample_prompts", "sample_every_n_steps is on but there is no prompt; add one per line or set "
             "sample_every_n_steps to 0")
+    missing = missing_optimizer_package(s.train_optimizer)
+    if missing:
+        err("train_optimizer", missing)
     if pass2_only:
         return errs
     mode = s.mode
