@@ -226,3 +226,28 @@ def test_a_stopped_job_resumes_from_its_saved_training_state(host, dataset):
         assert q.requeue(job.id).settings["train_resume_state"] == ""      # Re-queue starts over
     finally:
         q.close()
+
+
+def test_adaptive_optimizer_warning_shows_in_the_queue_and_when_the_job_starts(tmp_path, monkeypatch):
+    """Prodigy at lr 1e-4: the queued job carries the warning (Queue tab, API, ``queue list``) and the run
+    announces it before any model work."""
+    import importlib.util
+    from trainer.events import EventBus
+    from trainer.runner import run_job
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",     # as if prodigyopt were installed
+                        lambda name, *a, **kw: object() if name == "prodigyopt" else real(name, *a, **kw))
+    s = Settings({"mode": "iLECO", "original_prompt": "red", "train_optimizer": "Prodigy", "save_lora_name": "p"})
+    want = "warning: train_learning_rate: 0.0001 is far too low for Prodigy"
+    job = JobQueue(Host(root=tmp_path, lora_dir=tmp_path / "loras")).add(s)
+    assert job.message.startswith(want) and "\n" not in job.message
+
+    seen = []
+
+    def stop_at_the_model(*args, **kwargs):
+        raise UserError("model reached")
+    monkeypatch.setattr("trainer.models.loader.load_model", stop_at_the_model)
+    monkeypatch.setattr("trainer.models.loader.random_tiny_bundle", stop_at_the_model)
+    with pytest.raises(UserError, match="model reached"):
+        run_job(s, lora_dir=tmp_path, events=EventBus([seen.append]), log_dir=tmp_path, json_dir=tmp_path)
+    assert [e.message for e in seen if getattr(e, "kind", "") == "message"][0].startswith(want)

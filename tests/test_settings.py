@@ -387,3 +387,26 @@ def test_save_and_load_preset(tmp_path):
             save_preset(s, bad, tmp_path)
     with pytest.raises(UserError, match="available: mine"):
         load_preset("nope", tmp_path)
+
+
+# ---------------------------------------------------------------------- advice (warnings, not errors)
+def test_adaptive_optimizers_at_an_ordinary_lr_are_warned_like_kohya():
+    """Prodigy/DAdaptAdam use the LR as a multiplier on their own estimate: at 1e-4 nothing is learnt.
+    Each too-low rate is one line naming the field and the fix; 1 (or AdamW at 1e-4) is quiet."""
+    s = Settings({"mode": "LoRA", "train_optimizer": "Prodigy", "train_learning_rate": 1e-4,
+                  "train_textencoder_learning_rate": 5e-5})
+    assert s.advice() == [
+        "train_learning_rate: 0.0001 is far too low for Prodigy, which sets its own step size and uses the "
+        "learning rate as a multiplier on it; set train_learning_rate=1 (kohya's advice)",
+        "train_textencoder_learning_rate: 5e-05 is far too low for Prodigy, which sets its own step size and uses "
+        "the learning rate as a multiplier on it; set train_textencoder_learning_rate=1 (kohya's advice)"]
+    assert Settings({"train_optimizer": "DAdaptAdam", "train_learning_rate": 0.1}).advice()[0].startswith(
+        "train_learning_rate: 0.1 is far too low for DAdaptAdam")
+    assert Settings({"train_optimizer": "DAdaptAdam", "train_learning_rate": 1}).advice() == []
+    assert Settings({"train_optimizer": "AdamW", "train_learning_rate": 1e-4}).advice() == []
+    # the text-encoder rate matters only when the text encoder is trained
+    no_te = s.with_overrides(network_blocks=("IN01",), train_learning_rate=1.0)
+    assert no_te.advice() == []
+    # Difference: the 2nd pass may switch to Prodigy on its own
+    d = Settings({"mode": "Difference", "use_2nd_pass_settings": True}, second_pass={"train_optimizer": "Prodigy"})
+    assert [a.split(": ")[0] for a in d.advice()] == ["second_pass.train_learning_rate"]

@@ -189,6 +189,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         settings = Settings.from_json(path).apply_set_args(args.set)
         job = queue.add(settings, front=args.front)
         print(f"added: job #{job.id} {job.name} ({job.mode})")
+        for advice in settings.advice():
+            print(f"warning: {advice}", file=sys.stderr)
     elif args.queue_command == "list":
         jobs = queue.list()
         if args.json:

@@ -99,6 +99,9 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     events = events or EventBus([ConsoleProgress()])
     settings.validate_for_run(check_files=True)
     check_output(settings, lora_dir)
+    for advice in settings.advice():
+        log.warning(advice)
+        events.emit(RunEvent("message", f"warning: {advice}"))
     if bundle is None:                          # a device this machine lacks: one line, before any work
         from .models.loader import resolve_device
         device = resolve_device(device)

@@ -81,6 +81,10 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 LOSS_FUNCTIONS = ("MSE", "L1", "Smooth-L1")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPS = ("required", "optional")
+#: Optimizers that estimate their own step size and use the learning rate only as a multiplier on it:
+#: about 1 is right for them, and the usual 1e-4 leaves a LoRA that learnt nothing.
+ADAPTIVE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam")
+ADAPTIVE_LR_FLOOR = 0.1     # kohya (train_util.get_optimizer) warns at this or below
 
 # Fields that describe the job rather than one pass: never inside TrainTrain's "2nd pass" copy.
 _JOB_FIELDS = ("mode", "model_checkpoint", "model_vae", "original_prompt", "target_prompt",
@@ -960,6 +964,15 @@ class Settings:
                     if str(e).split(": ", 1)[1] not in first]
         return out
 
+    def advice(self) -> list[str]:
+        """Settings that run but almost surely not as meant: one line each naming the field and the fix.
+        Warnings, not errors (an expert may mean them); shown when a job is added and when it starts."""
+        out = _advice(self, "")
+        if self.mode == _D and self.use_2nd_pass_settings:
+            out += [a for a in _advice(self.for_second_pass(), _PASS2_OURS + ".")
+                    if a.split(": ", 1)[1] not in {b.split(": ", 1)[1] for b in out}]
+        return out
+
     def validate_for_run(self, *, check_files: bool = True) -> None:
         """Raise the first of :meth:`problems` (each names its field and the fix)."""
         problems = self.problems(check_files=check_files)
@@ -1052,6 +1065,18 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
                 if path and not (Path(path).is_dir() if is_dir else Path(path).is_file()):
                     err(name, f"{'folder' if is_dir else 'file'} not found: {path}")
     return errs
+
+
+def _advice(s: Settings, prefix: str) -> list[str]:
+    """Adaptive optimizers at an ordinary learning rate (the one case kohya warns about the same way)."""
+    if s.train_optimizer not in ADAPTIVE_LR_OPTIMIZERS:
+        return []
+    rates = [("train_learning_rate", s.train_learning_rate)]
+    if s.mode == _L and "BASE" in s.network_blocks and s.train_textencoder_learning_rate is not None:
+        rates.append(("train_textencoder_learning_rate", s.train_textencoder_learning_rate))
+    return [f"{prefix}{name}: {_num_text(lr)} is far too low for {s.train_optimizer}, which sets its own step size "
+            f"and uses the learning rate as a multiplier on it; set {name}=1 (kohya's advice)"
+            for name, lr in rates if lr <= ADAPTIVE_LR_FLOOR]
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

@@ -283,9 +283,10 @@ class JobQueue:
             self._refuse_duplicate(db, settings.save_lora_name)
             edge = db.execute("SELECT MIN(position), MAX(position) FROM jobs WHERE state = 'pending'").fetchone()
             position = ((edge[0] or 0) - 1) if front else ((edge[1] or 0) + 1)
-            cur = db.execute("INSERT INTO jobs (position, name, mode, state, settings, created) "
-                             "VALUES (?, ?, ?, 'pending', '{}', ?)",
-                             (position, settings.save_lora_name, settings.mode, time.time()))
+            advice = "; ".join(f"warning: {a}" for a in settings.advice())   # shown until the job ends
+            cur = db.execute("INSERT INTO jobs (position, name, mode, state, settings, message, created) "
+                             "VALUES (?, ?, ?, 'pending', '{}', ?, ?)",
+                             (position, settings.save_lora_name, settings.mode, advice, time.time()))
             job_id = cur.lastrowid
             snapshot = self._copy_inputs(job_id, settings)
             db.execute("UPDATE jobs SET settings = ? WHERE id = ?", (json.dumps(snapshot), job_id))

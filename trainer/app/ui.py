@@ -296,7 +296,7 @@ def _train_tab(host, queue, form: Form, defaults: Settings) -> dict:
                         else f"job #{job.id} {job.name} started")
             else:
                 text = f"job #{job.id} {job.name} added to the queue" + (" (paused)" if queue.paused else "")
-            return message_html(text)
+            return message_html(text + (f"; {job.message}" if job.message else ""))
         return handler
 
     ui["start"].click(submit(True), inputs, [msg])
