@@ -65,6 +65,17 @@ def test_exactly_n_steps_csv_and_file(tmp_path, dataset, bundle):
     assert all(not m._forward_hooks for m in bundle.unet.modules() if isinstance(m, torch.nn.Linear))
 
 
+def test_noise_settings_are_in_the_files_metadata(tmp_path, dataset, bundle):
+    """kohya writes its noise settings (``ss_noise_offset``, ``ss_multires_noise_iterations``,
+    ``ss_multires_noise_discount``); a file trained with multires noise says so."""
+    s = settings(dataset, train_iterations=1, noise_offset=0.05, multires_noise_iterations=6,
+                 multires_noise_discount=0.25)
+    result, _ = _job(tmp_path, s, bundle)
+    _, meta = load_lora(result.saved[0])
+    assert (meta["ss_noise_offset"], meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"]) \
+        == ("0.05", "6", "0.25")
+
+
 def test_existing_output_is_refused_before_work(tmp_path, dataset, bundle):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "untitled.safetensors").write_bytes(b"keep me")

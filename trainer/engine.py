@@ -160,6 +160,8 @@ class Run:
             "ss_seed": self.seed,
             "ss_min_snr_gamma": settings.train_snr_gamma,
             "ss_noise_offset": settings.noise_offset,
+            "ss_multires_noise_iterations": settings.multires_noise_iterations,
+            "ss_multires_noise_discount": settings.multires_noise_discount,
             "ss_batch_size_per_device": settings.train_batch_size,
             "ss_gradient_accumulation_steps": settings.gradient_accumulation_steps,
             "ss_max_grad_norm": settings.gradient_clip_norm,

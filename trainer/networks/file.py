@@ -100,6 +100,9 @@ def _num(x: float) -> str:
 
 
 def base_model_version(family: str, prediction_type: str) -> str:
+    """kohya's ``ss_base_model_version``: ``get_model_version_str_for_sd1_sd2(v2, v_parameterization)``
+    gives ``sd_v1``, ``sd_v1_v``, ``sd_v2``, ``sd_v2_v`` (so an SD1 v-prediction model is ``sd_v1_v`` in
+    kohya's files too); SDXL is ``sdxl_base_v1-0``. Loaders test only the ``sdxl_`` prefix and ``ss_v2``."""
     v = prediction_type in ("v", "v_prediction")
     return {"sd1": "sd_v1" + ("_v" if v else ""), "sd2": "sd_v2" + ("_v" if v else ""),
             "sdxl": "sdxl_base_v1-0"}[family]
