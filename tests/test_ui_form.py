@@ -110,3 +110,24 @@ def test_samples_draw_with_the_current_model_and_refuse_a_missing_lora(tmp_path)
         generate_sample(host, Settings(), "a red circle", "", "gone.safetensors", 1.0, 0, 3, "")
     with pytest.raises(UserError, match="prompt"):
         generate_sample(host, Settings(), "  ", "", "", 1.0, 0, 3, "")
+
+
+def test_traintrain_loss_csv_keeps_its_lr_and_is_not_smoothed_twice(tmp_path):
+    """TrainTrain's CSV (its savecsv): 8 key,value rows, then ``Step,Loss,Learning Rate 1,Learning Rate 2``
+    (TE lr first when the text encoder trains, the UNet's last); its Loss is already an EMA. The plot shows
+    that Loss unchanged and the UNet's learning rate."""
+    from trainer.app.plot import figure, read_loss_csv
+    preamble = ("network_rank,16\nnetwork_alpha,8\ntrain_learning_rate,0.0001\ntrain_iterations,4\n"
+                "train_lr_scheduler,cosine\nmodel_version,sd_v1\ntrain_optimizer,AdamW\nsave_lora_name,tt\n")
+    rows = [(1, 0.30, 5e-5, 1e-4), (2, 0.90, 4e-5, 8e-5), (3, 0.10, 2e-5, 4e-5), (4, 0.70, 1e-5, 2e-5)]
+    path = tmp_path / "tt-20250101_120000.csv"
+    path.write_text(preamble + "Step,Loss,Learning Rate 1,Learning Rate 2\n"
+                    + "".join(f"{s},{loss},{te},{unet}\n" for s, loss, te, unet in rows))
+    series = read_loss_csv(path)
+    assert series.steps == [1, 2, 3, 4]
+    assert series.lr == [r[3] for r in rows]                   # the UNet's column
+    assert series.ema() == series.loss == [r[1] for r in rows]   # its EMA, as written
+    fig = figure([series])
+    ax, ax_lr = fig.axes
+    assert [list(line.get_ydata()) for line in ax.lines] == [[r[1] for r in rows]]
+    assert [list(line.get_ydata()) for line in ax_lr.lines] == [[r[3] for r in rows]]

@@ -1,12 +1,15 @@
 """Loss CSVs → a matplotlib figure: raw loss (faint), its EMA, and the learning rate on a second axis.
 
 Reads our CSV (``step,loss,loss_ema,lr[,lr_te],elapsed_s``) and TrainTrain's (a ``key,value``
-preamble, then a ``Step,Loss,Learning Rate…`` table). Figures use the object-oriented API
-only (no pyplot state), so plotting from a UI thread is safe.
+preamble, then ``Step,Loss,Learning Rate 1[,Learning Rate 2…]``: one LR column per optimizer
+param group, the text encoder's first when it is trained, so the UNet's is the last; its
+``Loss`` is already its EMA, so it is drawn as the smoothed curve and not smoothed again).
+Figures use the object-oriented API only (no pyplot state), so plotting from a UI thread is safe.
 """
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,8 +23,11 @@ class Series:
     steps: list = field(default_factory=list)
     loss: list = field(default_factory=list)
     lr: list = field(default_factory=list)
+    loss_is_ema: bool = False        # TrainTrain writes its EMA as "Loss": there is no raw loss to smooth
 
     def ema(self, alpha: float = 0.1) -> list:
+        if self.loss_is_ema:
+            return list(self.loss)
         out, value = [], None
         for x in self.loss:
             value = x if value is None else (1 - alpha) * value + alpha * x
@@ -53,8 +59,9 @@ def read_loss_csv(path: Path) -> Series:
         i_step, i_loss = header.index("step"), header.index("loss")
     except ValueError:
         raise UserError(f"{path}: not a loss CSV (no loss column)") from None
-    i_lr = next((i for i, h in enumerate(header) if h in ("lr", "learning rate", "learning_rate")), None)
-    series = Series(path.stem)
+    tt_lr_columns = [i for i, h in enumerate(header) if re.fullmatch(r"learning[ _]rate(\s*\d+)?", h)]
+    i_lr = header.index("lr") if "lr" in header else (tt_lr_columns[-1] if tt_lr_columns else None)
+    series = Series(path.stem, loss_is_ema=bool(tt_lr_columns) and "loss_ema" not in header)
     for row in rows[header_at + 1:]:
         if len(row) <= max(i_step, i_loss):
             continue
@@ -76,7 +83,8 @@ def figure(series: Sequence[Series], title: str = ""):
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for i, s in enumerate(series):
         c = colors[i % len(colors)]
-        ax.plot(s.steps, s.loss, color=c, alpha=0.25, linewidth=0.8)
+        if not s.loss_is_ema:
+            ax.plot(s.steps, s.loss, color=c, alpha=0.25, linewidth=0.8)
         ax.plot(s.steps, s.ema(), color=c, linewidth=1.8, label=s.name)
         lr = [(x, y) for x, y in zip(s.steps, s.lr) if y is not None]
         if lr:
