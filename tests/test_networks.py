@@ -555,3 +555,16 @@ def test_network_from_file_infers_spec_and_accepts_other_names(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(network_from_state_dict(tiny, extra, strict=False).targets) == len(net.targets)
     assert "lora_te_text_projection" in caplog.text
+
+
+@pytest.mark.parametrize("network_type", ["lierla", "loha", "lokr"])
+def test_inspect_reports_the_rank_of_every_algorithm(tiny, tmp_path, capsys, network_type):
+    """``python -m trainer inspect FILE``: ranks from the factors' shapes for LoRA, LoHa and LoKr alike (LoKr
+    layers too small for the rank are LyCORIS full-matrix factors, reported as "full"), never ``{}``."""
+    from trainer.cli import main as cli
+    path = save_lora(create_network(tiny, spec(network_type, rank=4)), tmp_path / f"{network_type}.safetensors")
+    assert cli(["inspect", str(path), "--brief"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ranks = report["ranks"]
+    assert sum(ranks.values()) == report["modules"] > 0 and ranks.get("4", 0) > 0
+    assert set(ranks) == ({"4", "full"} if network_type == "lokr" else {"4"})

@@ -14,7 +14,8 @@ import torch
 
 from ..errors import UserError
 
-FAMILY_OF_VERSION = {"sd_v1": "sd15", "sd_v2": "sd21", "sd_v2_v": "sd21v", "sdxl_base_v1-0": "sdxl"}
+FAMILY_OF_VERSION = {"sd_v1": "sd15", "sd_v1_v": "sd15", "sd_v2": "sd21", "sd_v2_v": "sd21v",
+                     "sdxl_base_v1-0": "sdxl"}
 
 
 def _guess_family(names, metadata: dict) -> str:
@@ -36,6 +37,23 @@ def _layout(family: str):
         unet = UNetModel(cfg.unet)
     tes = [build_text_encoder(t.role, t.config, device="meta") for t in cfg.text_encoders]
     return name_table(unet, tes, cfg.family)
+
+
+def module_rank(parts: dict) -> int | str | None:
+    """The module's rank from its factors' shapes: LoRA/LoCon ``lora_down`` rows, LoHa ``hada_w1_b`` rows,
+    LoKr the inner size of its low-rank Kronecker factor (``lokr_w2_b``, else ``lokr_w1_b``). A LoKr whose
+    two factors are both full matrices (LyCORIS' "full matrix mode" for layers too small for the rank) has
+    none: ``"full"``."""
+    for key in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if key in parts:
+            return int(parts[key].shape[0])
+    return "full" if "lokr_w1" in parts or "lokr_w2" in parts else None
+
+
+def _rank_counts(ranks) -> dict:
+    """{rank: modules}, numeric ranks ascending, then "full"."""
+    counts = Counter(r for r in ranks if r is not None)
+    return dict(sorted(counts.items(), key=lambda kv: (isinstance(kv[0], str), kv[0] if isinstance(kv[0], int) else 0)))
 
 
 def delta_norm(tensors: dict) -> Optional[float]:
@@ -68,8 +86,7 @@ def inspect(path: Path) -> dict:
             unknown.append(name)
         else:
             per_block[target.block] += 1
-        rank = parts["lora_down.weight"].shape[0] if "lora_down.weight" in parts else None
-        details[name] = {"block": target.block if target else None, "rank": rank,
+        details[name] = {"block": target.block if target else None, "rank": module_rank(parts),
                          "alpha": float(parts["alpha"]) if "alpha" in parts else None,
                          "delta_norm": delta_norm(parts)}
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
@@ -77,7 +94,7 @@ def inspect(path: Path) -> dict:
         "file": str(path), "bytes": path.stat().st_size, "family_layout": family,
         "tensors": len(tensors), "dtypes": dict(dtypes), "modules": len(modules),
         "modules_per_block": dict(sorted(per_block.items())), "unmatched_modules": unknown,
-        "ranks": dict(Counter(d["rank"] for d in details.values() if d["rank"] is not None)),
+        "ranks": _rank_counts(d["rank"] for d in details.values()),
         "keys": sorted(tensors), "module_details": details, "metadata": metadata,
     }
 
