@@ -696,3 +696,33 @@ def test_hashes_independent(saved, case):
     blob = safetensors.torch.save(f.tensors, {k: v for k, v in md.items() if k.startswith("ss_")})
     m = int.from_bytes(blob[:8], "little")
     assert blob[8 + m:] == data[8 + n:]
+
+
+# ------------------------------------------------------------------------------------------ what diffusers can't load
+
+@pytest.mark.parametrize("network_type,dora,loads", [("lierla", False, "all"), ("c3lier", False, "all"),
+                                                     ("loha", False, "refused"), ("lokr", False, "refused"),
+                                                     ("lierla", True, "without dora_scale")])
+def test_which_of_our_files_diffusers_loads(tmp_path, network_type, dora, loads):
+    """What the README says about diffusers, checked with the installed diffusers' own kohya converter
+    (``lora_state_dict``, the first step of ``load_lora_weights``): LoRA and LoCon convert key for key;
+    LoHa and LoKr are refused with an error; DoRA converts only after diffusers drops every ``dora_scale``,
+    so it would apply as a plain LoRA (A1111, Forge and ComfyUI read it)."""
+    pytest.importorskip("diffusers", reason="diffusers is a test-only dependency (requirements-test.txt)")
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from trainer.models.loader import random_tiny_bundle
+    from trainer.networks import save_lora
+
+    net = create_network(random_tiny_bundle(seed=0, device="cpu"),
+                         NetworkSpec(network_type, rank=RANK, alpha=ALPHA, dora=dora, seed=0))
+    tensors, _ = load_lora(save_lora(net, tmp_path / "t.safetensors"))
+    modules = len(split_modules(tensors))
+    if loads == "refused":
+        with pytest.raises(ValueError, match="not been correctly renamed"):
+            StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+        return
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+    assert len(state) == 2 * modules and len(alphas) == modules
+    dropped = sum(k.endswith(".dora_scale") for k in tensors)
+    assert dropped == (modules if dora else 0)
+    assert not any("dora" in k or "magnitude" in k for k in state)
