@@ -238,7 +238,7 @@ def test_adaptive_optimizer_warning_shows_in_the_queue_and_when_the_job_starts(t
     monkeypatch.setattr(importlib.util, "find_spec",     # as if prodigyopt were installed
                         lambda name, *a, **kw: object() if name == "prodigyopt" else real(name, *a, **kw))
     s = Settings({"mode": "iLECO", "original_prompt": "red", "train_optimizer": "Prodigy", "save_lora_name": "p"})
-    want = "warning: train_learning_rate: 0.0001 is far too low for Prodigy"
+    want = "warning: train_learning_rate: 0.0001 is too low for Prodigy"
     job = JobQueue(Host(root=tmp_path, lora_dir=tmp_path / "loras")).add(s)
     assert job.message.startswith(want) and "\n" not in job.message
 

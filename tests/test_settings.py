@@ -396,12 +396,12 @@ def test_adaptive_optimizers_at_an_ordinary_lr_are_warned_like_kohya():
     s = Settings({"mode": "LoRA", "train_optimizer": "Prodigy", "train_learning_rate": 1e-4,
                   "train_textencoder_learning_rate": 5e-5})
     assert s.advice() == [
-        "train_learning_rate: 0.0001 is far too low for Prodigy, which sets its own step size and uses the "
+        "train_learning_rate: 0.0001 is too low for Prodigy, which sets its own step size and uses the "
         "learning rate as a multiplier on it; set train_learning_rate=1 (kohya's advice)",
-        "train_textencoder_learning_rate: 5e-05 is far too low for Prodigy, which sets its own step size and uses "
+        "train_textencoder_learning_rate: 5e-05 is too low for Prodigy, which sets its own step size and uses "
         "the learning rate as a multiplier on it; set train_textencoder_learning_rate=1 (kohya's advice)"]
     assert Settings({"train_optimizer": "DAdaptAdam", "train_learning_rate": 0.1}).advice()[0].startswith(
-        "train_learning_rate: 0.1 is far too low for DAdaptAdam")
+        "train_learning_rate: 0.1 is too low for DAdaptAdam")
     assert Settings({"train_optimizer": "DAdaptAdam", "train_learning_rate": 1}).advice() == []
     assert Settings({"train_optimizer": "AdamW", "train_learning_rate": 1e-4}).advice() == []
     # the text-encoder rate matters only when the text encoder is trained

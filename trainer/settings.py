@@ -1074,7 +1074,7 @@ def _advice(s: Settings, prefix: str) -> list[str]:
     rates = [("train_learning_rate", s.train_learning_rate)]
     if s.mode == _L and "BASE" in s.network_blocks and s.train_textencoder_learning_rate is not None:
         rates.append(("train_textencoder_learning_rate", s.train_textencoder_learning_rate))
-    return [f"{prefix}{name}: {_num_text(lr)} is far too low for {s.train_optimizer}, which sets its own step size "
+    return [f"{prefix}{name}: {_num_text(lr)} is too low for {s.train_optimizer}, which sets its own step size "
             f"and uses the learning rate as a multiplier on it; set {name}=1 (kohya's advice)"
             for name, lr in rates if lr <= ADAPTIVE_LR_FLOOR]
 

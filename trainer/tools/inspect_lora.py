@@ -53,7 +53,8 @@ def module_rank(parts: dict) -> int | str | None:
 def _rank_counts(ranks) -> dict:
     """{rank: modules}, numeric ranks ascending, then "full"."""
     counts = Counter(r for r in ranks if r is not None)
-    return dict(sorted(counts.items(), key=lambda kv: (isinstance(kv[0], str), kv[0] if isinstance(kv[0], int) else 0)))
+    numeric = sorted(r for r in counts if isinstance(r, int))
+    return {r: counts[r] for r in numeric + [r for r in counts if not isinstance(r, int)]}
 
 
 def delta_norm(tensors: dict) -> Optional[float]:
