@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,8 +88,26 @@ def test_one_failure_is_reported_and_the_rest_still_installed(install, capsys):
     assert "could not install lycoris-lora" in out and "not installed: lycoris-lora" in out
 
 
-def test_run_by_the_webui_as_a_subprocess(tmp_path):
-    """As launch_utils.run_extension_installer does it: ``python install.py`` with the WebUI on PYTHONPATH."""
+def _fake_cuda_torch(site: Path) -> None:
+    """torch as the package index's CUDA wheel installs it: ``__version__`` 2.14.1+cu130, distribution 2.14.1."""
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text('__version__ = "2.14.1+cu130"\n')
+    (site / "torch-2.14.1.dist-info").mkdir()
+    (site / "torch-2.14.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.1\n")
+
+
+def _distribution_version(name: str, path: list) -> str:
+    """The version pip sees for ``name`` on ``path`` (the first distribution found, as Python imports it)."""
+    return next(iter(metadata.Distribution.discover(name=name, path=path))).version
+
+
+@pytest.mark.parametrize("torch_build", ["this interpreter's", "cuda wheel"])
+def test_run_by_the_webui_as_a_subprocess(tmp_path, torch_build):
+    """As launch_utils.run_extension_installer does it: ``python install.py`` with the WebUI on PYTHONPATH.
+
+    torch is pinned at its distribution version (what pip compares), which for the index's CUDA
+    wheels differs from ``torch.__version__`` by a local label (``+cu130``).
+    """
     calls = tmp_path / "calls.json"
     (tmp_path / "launch.py").write_text(
         "import json, types\n"
@@ -98,11 +117,17 @@ def test_run_by_the_webui_as_a_subprocess(tmp_path):
         "def run_pip(command, desc=None, live=False):\n"
         "    path = command.split(' -c ', 1)[1].strip().strip('\"')\n"
         "    json.dump({'command': command, 'pins': open(path).read()}, open(CALLS, 'w'))\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    search = [str(tmp_path)]
+    if torch_build == "cuda wheel":
+        _fake_cuda_torch(tmp_path / "site")
+        search.insert(0, str(tmp_path / "site"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(search))
     done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     call = json.loads(calls.read_text())
     assert call["command"].startswith('install "pyyaml"')
-    import torch
-    assert f"torch=={torch.__version__}" in call["pins"].splitlines()   # this interpreter's real torch, pinned
+    torch_version = _distribution_version("torch", search + sys.path)
+    if torch_build == "cuda wheel":
+        assert torch_version == "2.14.1"
+    assert f"torch=={torch_version}" in call["pins"].splitlines()   # the interpreter's real torch, pinned
