@@ -166,10 +166,9 @@ def test_side_by_side_with_traintrain(webui, monkeypatch, tmp_path):
 def test_console_says_once_that_jobs_of_the_previous_session_wait(webui, monkeypatch, capsys):
     """A1111 configures no logging handler: only warnings reach its console (Python's last-resort handler)."""
     import logging
-    from trainer.world import toy
     mods, tmp_path = webui
-    toy.make_dataset(tmp_path / "ds", 2, seed=1, image_size=64)
     script = _load(mods, tmp_path)
+    importlib.import_module(PACKAGE + ".world.toy").make_dataset(tmp_path / "ds", 2, seed=1, image_size=64)
     jobs = importlib.import_module(PACKAGE + ".app.jobs")
     previous = jobs.JobQueue(script.webui.host())                 # the last session's queue, never started
     for name in ("first", "second"):
