@@ -38,11 +38,17 @@ def _key(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
 
 
-def optimizer_class(name: str):
+def optimizer_package(name: str) -> str:
+    """The pip package an optimizer comes from (what install.py must install for a preset using it)."""
     key = _key(name)
     if key not in _OPTIMIZERS:
         raise UserError(f"train_optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
-    module, attr, package, _ = _OPTIMIZERS[key]
+    return _OPTIMIZERS[key][2]
+
+
+def optimizer_class(name: str):
+    package = optimizer_package(name)
+    module, attr, _, _ = _OPTIMIZERS[_key(name)]
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError:
