@@ -122,20 +122,22 @@ def pinned_installed(wanted: list[str]) -> Iterator[str]:
 def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str) -> list[str]:
     """``pip(spec, constraints_file)`` for each spec; returns the names that could not be installed.
 
-    The constraints are taken again before each spec, so neither an installed package nor one
-    added a moment ago can be up- or downgraded: where a new package needs that, pip fails and
-    the package is reported (``hint`` says how to install it by hand), and the rest go on.
+    What was installed before we started is pinned, so pip never up- or downgrades it: where a
+    new package needs that, pip fails, the package is reported (``hint`` says how to install it
+    by hand) and the rest go on. Dependencies we add on the way stay free for later specs.
     """
     failed = []
-    for spec in specs:
-        try:
-            with pinned_installed(specs) as constraints:
+    if not specs:
+        return failed
+    with pinned_installed(specs) as constraints:
+        for spec in specs:
+            try:
                 pip(spec, constraints)
-        except Exception as e:  # noqa: BLE001 - report and go on with the others
-            failed.append(_name(spec))
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"[shinkansen] could not install {spec}: {first} (installed packages are pinned, so pip "
-                  "stops where this one would need another version of one; pip's message above names it)")
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                failed.append(_name(spec))
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"[shinkansen] could not install {spec}: {first} (installed packages are pinned, so pip "
+                      "stops where this one would need another version of one; pip's message above names it)")
     if failed:
         print(f"[shinkansen] not installed: {', '.join(failed)}; {hint}")
     return failed
