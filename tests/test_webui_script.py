@@ -67,8 +67,8 @@ def test_registers_tab_settings_routes_and_cleanup(webui):
     mods, tmp_path = webui
     script = _load(mods, tmp_path)
     callbacks = mods["modules.script_callbacks"].callbacks
-    assert {k: len(v) for k, v in callbacks.items()} == {"ui_tabs": 1, "ui_settings": 1, "app_started": 1,
-                                                         "script_unloaded": 1, "model_loaded": 0}
+    assert {k: len(v) for k, v in callbacks.items()} == {"before_ui": 1, "ui_tabs": 1, "ui_settings": 1,
+                                                         "app_started": 1, "script_unloaded": 1, "model_loaded": 0}
     assert script.__name__ == "shinkansen.py" and "shinkansen.py" not in sys.modules
     assert Path(sys.modules[PACKAGE].__file__).parent == EXT_DIR / "trainer"
 
