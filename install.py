@@ -6,20 +6,26 @@ installed package pinned at its version (a pip constraints file), so nothing the
 pinned (torch, transformers, gradio, safetensors, ...) is ever up- or downgraded.
 ``--skip-install`` is honoured.
 
-Standalone (``python install.py``) it installs what is missing from ``requirements.txt``;
-a package that is already installed is kept even if its version differs (a warning says
-so). Torch, when missing, is installed at the version the project is tested with.
+Standalone (``python install.py``) it installs what is missing from ``requirements.txt``
+the same way: a package that is already installed is kept even if its version differs (a
+warning says so), and every installed package is pinned while the missing ones are installed,
+so pip cannot replace one as a dependency either (gradio 3.41 would downgrade MarkupSafe 3
+to 2.1): it stops instead, and the package that could not be added is named at the end.
+Torch, when missing, is installed first, at the version the project is tested with.
 ``--test`` adds the test requirements and the transformers 4.30.2 side environment that
 checks the text encoders under the WebUI's transformers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent
 TORCH_WHEN_MISSING = "torch==2.13.0"
@@ -70,18 +76,6 @@ def missing(specs: list[str]) -> list[str]:
     return todo
 
 
-def pip_install(specs: list[str]) -> None:
-    if not specs:
-        return
-    print(f"[shinkansen] installing: {' '.join(specs)}")
-    # torch first and alone, so no other requirement can pull a different torch build.
-    torch_specs = [s for s in specs if _canonical(_name(s)) == "torch"]
-    rest = [s for s in specs if s not in torch_specs]
-    for group in (torch_specs, rest):
-        if group:
-            subprocess.check_call([sys.executable, "-m", "pip", "install", *group])
-
-
 def installed_distributions() -> dict[str, str]:
     """Canonical name -> version of everything installed in this interpreter."""
     out = {}
@@ -92,8 +86,12 @@ def installed_distributions() -> dict[str, str]:
     return out
 
 
-def constraints_text(installed: dict[str, str]) -> str:
-    """``name==version`` for every installed package: pip may add packages, never change one."""
+def constraints_text(installed: dict[str, str], wanted: list[str] = ()) -> str:
+    """``name==version`` for every installed package: pip may add packages, never change one.
+
+    ``wanted`` (our specs of packages still to install) joins them, so a package installed as a
+    dependency of an earlier spec already has the version a later spec asks for (fastapi for gradio).
+    """
     try:
         from packaging.version import InvalidVersion, Version
     except ImportError:
@@ -105,7 +103,44 @@ def constraints_text(installed: dict[str, str]) -> str:
         except InvalidVersion:
             continue   # pip could not parse the pin either; leave that package unconstrained
         lines.append(f"{name}=={version}")
+    lines += [spec for spec in wanted if _canonical(_name(spec)) not in installed and _name(spec) != spec.strip()]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def pinned_installed(wanted: list[str]) -> Iterator[str]:
+    """A pip constraints file pinning every package installed right now (deleted afterwards)."""
+    fd, path = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(constraints_text(installed_distributions(), wanted))
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str) -> list[str]:
+    """``pip(spec, constraints_file)`` for each spec; returns the names that could not be installed.
+
+    What was installed before we started is pinned, so pip never up- or downgrades it: where a
+    new package needs that, pip fails, the package is reported (``hint`` says how to install it
+    by hand) and the rest go on. Dependencies we add on the way stay free for later specs.
+    """
+    failed = []
+    if not specs:
+        return failed
+    with pinned_installed(specs) as constraints:
+        for spec in specs:
+            try:
+                pip(spec, constraints)
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                failed.append(_name(spec))
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"[shinkansen] could not install {spec}: {first} (installed packages are pinned, so pip "
+                      "stops where this one would need another version of one; pip's message above names it)")
+    if failed:
+        print(f"[shinkansen] not installed: {', '.join(failed)}; {hint}")
+    return failed
 
 
 def install_webui(launch=None) -> int:
@@ -122,27 +157,11 @@ def install_webui(launch=None) -> int:
         print("[shinkansen] --skip-install: not installing anything")
         return 0
     todo = [s for s in read_requirements(ROOT / "requirements.txt") if not launch.is_installed(_name(s))]
-    if not todo:
-        return 0
-    import tempfile
-    fd, constraints = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
-    failed = []
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(constraints_text(installed_distributions()))
-        for spec in todo:
-            try:
-                launch.run_pip(f'install "{spec}" -c "{constraints}"', f"{_name(spec)} for Shinkansen")
-            except Exception as e:  # noqa: BLE001 - report and go on with the others
-                failed.append(_name(spec))
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"[shinkansen] could not install {spec}: {first} (pip may not change installed "
-                      "packages here, so a dependency conflict fails instead)")
-    finally:
-        os.unlink(constraints)
-    if failed:
-        print(f"[shinkansen] not installed: {', '.join(failed)}; install them with the WebUI's Python, "
-              "e.g. venv/bin/python -m pip install NAME")
+
+    def run_pip(spec: str, constraints: str) -> None:
+        launch.run_pip(f'install "{spec}" -c "{constraints}"', f"{_name(spec)} for Shinkansen")
+    failed = install_each(todo, run_pip, "install them with the WebUI's Python, "
+                                         "e.g. venv/bin/python -m pip install NAME")
     return 1 if failed else 0
 
 
@@ -160,14 +179,25 @@ def setup_gradio4_env() -> None:
         subprocess.check_call(["bash", str(script), "--setup-only"])
 
 
-def install_standalone(with_tests: bool) -> None:
+def standalone_pip(spec: str, constraints: str) -> None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", spec, "-c", constraints])
+
+
+def install_standalone(with_tests: bool) -> int:
     specs = read_requirements(ROOT / "requirements.txt")
     if with_tests:
         specs += read_requirements(ROOT / "requirements-test.txt")
-    pip_install(missing(specs))
+    todo = missing(specs)
+    # torch first and alone, so no other requirement can pull a different torch build.
+    todo.sort(key=lambda spec: _canonical(_name(spec)) != "torch")
+    if todo:
+        print(f"[shinkansen] installing: {' '.join(todo)}")
+    failed = install_each(todo, standalone_pip, "to let pip change an installed package for them, install them "
+                                                "yourself (python -m pip install NAME) or use a fresh virtualenv")
     if with_tests:
         setup_tf430_env()
         setup_gradio4_env()
+    return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
@@ -178,8 +208,7 @@ def main(argv: list[str]) -> int:
         in_webui = False
     if in_webui and "--standalone" not in argv:
         return install_webui()
-    install_standalone(with_tests="--test" in argv)
-    return 0
+    return install_standalone(with_tests="--test" in argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def _load_package():
 _load_package()
 webui = importlib.import_module(PACKAGE + ".webui.adapter")
 
+script_callbacks.on_before_ui(webui.before_ui)
 script_callbacks.on_ui_tabs(webui.ui_tabs)
 script_callbacks.on_ui_settings(webui.ui_settings)
 script_callbacks.on_app_started(webui.app_started)

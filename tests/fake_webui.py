@@ -5,6 +5,7 @@ tiny SD1 model provides real tensors. Nothing here is WebUI code.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import types
@@ -175,7 +176,8 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 def make_modules(tmp: Path, sd_model=None, ext_dir: Path | None = None) -> dict:
     """``modules.*`` (and the built-in Lora's top-level ``networks``) with A1111 1.10's names."""
-    callbacks = {k: [] for k in ("ui_tabs", "ui_settings", "app_started", "script_unloaded", "model_loaded")}
+    callbacks = {k: [] for k in ("before_ui", "ui_tabs", "ui_settings", "app_started", "script_unloaded",
+                                 "model_loaded")}
     script_callbacks = _module(
         "modules.script_callbacks", callbacks=callbacks,
         **{f"on_{k}": (lambda k: lambda fn, *, name=None: callbacks[k].append(fn))(k) for k in callbacks})
@@ -195,9 +197,24 @@ def make_modules(tmp: Path, sd_model=None, ext_dir: Path | None = None) -> dict:
                 return info
         return None
 
+    model_path = str(tmp / "models" / "Stable-diffusion")
+
+    class CheckpointInfo:
+        """A1111's: named by its path under the checkpoint folder; ``register`` lists it."""
+
+        def __init__(self, filename):
+            self.filename = filename
+            name = os.path.relpath(os.path.abspath(filename), model_path)
+            self.name = os.path.basename(filename) if name.startswith("..") else name
+            self.title = self.model_name = self.name
+            self.sha256 = self.shorthash = None
+
+        def register(self):
+            checkpoints[self.title] = self
+
     sd_models = _module("modules.sd_models", model_data=SimpleNamespace(sd_model=sd_model, loaded_sd_models=[]),
                         checkpoints_list=checkpoints, get_closet_checkpoint_match=get_closet_checkpoint_match,
-                        model_path=str(tmp / "models" / "Stable-diffusion"))
+                        model_path=model_path, CheckpointInfo=CheckpointInfo)
     sd_vae = _module("modules.sd_vae", vae_dict={}, loaded_vae_file=None)
     parser_calls: list = []
 

@@ -115,3 +115,31 @@ def test_bad_optimizer_arguments_are_clear():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(UserError, match="train_optimizer_settings"):
         build_optimizer("AdamW", [{"params": [p]}], lr=1e-3, extra={"bogus": 1})
+
+
+def _optimizers_named(node) -> set:
+    """Every ``train_optimizer`` in a preset, the nested ``2nd pass`` included."""
+    if isinstance(node, dict):
+        found = {node["train_optimizer"]} if isinstance(node.get("train_optimizer"), str) else set()
+        return found.union(*(_optimizers_named(v) for v in node.values()))
+    return set()
+
+
+def test_every_shipped_presets_optimizer_is_installed_by_install_py():
+    """A fresh install (WebUI or standalone: both read requirements.txt) must run every preset we ship."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from trainer.optim import optimizer_package
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("shinkansen_install", root / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    installed = {install._canonical(install._name(s)) for s in install.read_requirements(root / "requirements.txt")}
+    presets = sorted((root / "presets").glob("*.json"))
+    used = {(p.name, name) for p in presets for name in _optimizers_named(json.loads(p.read_text(encoding="utf-8")))}
+    assert {name for _, name in used} >= {"AdamW", "CAME"}
+    for preset, name in sorted(used):
+        package = optimizer_package(name)
+        assert install._canonical(package) in installed, f"{preset}: {name} needs {package}; install.py skips it"
+        assert optimizer_class(name) is not None      # and it imports here, after install.py

@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI_PINS = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "gradio": "3.41.2", "safetensors": "0.4.2",
@@ -87,8 +90,26 @@ def test_one_failure_is_reported_and_the_rest_still_installed(install, capsys):
     assert "could not install lycoris-lora" in out and "not installed: lycoris-lora" in out
 
 
-def test_run_by_the_webui_as_a_subprocess(tmp_path):
-    """As launch_utils.run_extension_installer does it: ``python install.py`` with the WebUI on PYTHONPATH."""
+def _fake_cuda_torch(site: Path) -> None:
+    """torch as the package index's CUDA wheel installs it: ``__version__`` 2.14.1+cu130, distribution 2.14.1."""
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text('__version__ = "2.14.1+cu130"\n')
+    (site / "torch-2.14.1.dist-info").mkdir()
+    (site / "torch-2.14.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.1\n")
+
+
+def _distribution_version(name: str, path: list) -> str:
+    """The version pip sees for ``name`` on ``path`` (the first distribution found, as Python imports it)."""
+    return next(iter(metadata.Distribution.discover(name=name, path=path))).version
+
+
+@pytest.mark.parametrize("torch_build", ["this interpreter's", "cuda wheel"])
+def test_run_by_the_webui_as_a_subprocess(tmp_path, torch_build):
+    """As launch_utils.run_extension_installer does it: ``python install.py`` with the WebUI on PYTHONPATH.
+
+    torch is pinned at its distribution version (what pip compares), which for the index's CUDA
+    wheels differs from ``torch.__version__`` by a local label (``+cu130``).
+    """
     calls = tmp_path / "calls.json"
     (tmp_path / "launch.py").write_text(
         "import json, types\n"
@@ -98,11 +119,75 @@ def test_run_by_the_webui_as_a_subprocess(tmp_path):
         "def run_pip(command, desc=None, live=False):\n"
         "    path = command.split(' -c ', 1)[1].strip().strip('\"')\n"
         "    json.dump({'command': command, 'pins': open(path).read()}, open(CALLS, 'w'))\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    search = [str(tmp_path)]
+    if torch_build == "cuda wheel":
+        _fake_cuda_torch(tmp_path / "site")
+        search.insert(0, str(tmp_path / "site"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(search))
     done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     call = json.loads(calls.read_text())
     assert call["command"].startswith('install "pyyaml"')
-    import torch
-    assert f"torch=={torch.__version__}" in call["pins"].splitlines()   # this interpreter's real torch, pinned
+    torch_version = _distribution_version("torch", search + sys.path)
+    if torch_build == "cuda wheel":
+        assert torch_version == "2.14.1"
+    assert f"torch=={torch_version}" in call["pins"].splitlines()   # the interpreter's real torch, pinned
+
+
+class FakePip:
+    """``pip install SPEC... [-c FILE]`` in miniature: the newest version allowed by the spec and the constraints;
+    an installed version that does not fit a dependency is replaced (pip's default), an impossible one fails."""
+
+    INDEX = {"gradio": {"3.41.2": ["markupsafe~=2.0", "fastapi"]}, "markupsafe": {"2.1.5": [], "3.0.4": []},
+             "fastapi": {"0.94.0": [], "0.115.0": []}}
+
+    def __init__(self, installed):
+        self.installed = installed
+
+    def __call__(self, command, **kw):
+        args = command[command.index("install") + 1:]
+        constraints = []
+        if "-c" in args:
+            at = args.index("-c")
+            text = Path(args[at + 1]).read_text(encoding="utf-8")
+            constraints = [Requirement(line) for line in text.splitlines() if line.strip()]
+            args = args[:at] + args[at + 2:]
+        plan = {}
+        for spec in args:
+            self._resolve(Requirement(spec), constraints, plan, command)
+        self.installed.update(plan)
+
+    def _resolve(self, req, constraints, plan, command):
+        name = req.name.lower()
+        versions = self.INDEX.get(name, {"1.0": []})
+        allowed = [v for v in versions if req.specifier.contains(v, prereleases=True) and all(
+            c.specifier.contains(v, prereleases=True) for c in constraints if c.name.lower() == name)]
+        if self.installed.get(name) in allowed:
+            return
+        if not allowed:
+            raise subprocess.CalledProcessError(1, command)      # pip: ResolutionImpossible
+        plan[name] = max(allowed, key=Version)
+        for dep in versions[plan[name]]:
+            self._resolve(Requirement(dep), constraints, plan, command)
+
+
+@pytest.mark.parametrize("markupsafe", ["3.0.4", None])
+def test_standalone_never_replaces_an_installed_package(install, monkeypatch, capsys, markupsafe):
+    """gradio 3.41.2 needs MarkupSafe 2.x: with 3.0.4 installed, gradio is reported, not MarkupSafe downgraded."""
+    wanted = {install._canonical(install._name(s)) for s in install.read_requirements(ROOT / "requirements.txt")}
+    installed = {name: "1.0" for name in wanted - {"gradio", "fastapi", "torch"}}
+    installed.update(torch="2.13.0", **({"markupsafe": markupsafe} if markupsafe else {}))
+    pip = FakePip(installed)
+    monkeypatch.setattr(install, "installed_distributions", lambda: dict(installed))
+    monkeypatch.setattr(install, "installed_version", installed.get)
+    monkeypatch.setattr(install.subprocess, "check_call", pip)
+
+    code = install.install_standalone(with_tests=False)
+    out = capsys.readouterr().out
+    assert installed["fastapi"] == "0.94.0"                      # our pin, also when gradio pulls it in
+    if markupsafe:
+        assert installed["markupsafe"] == "3.0.4" and "gradio" not in installed
+        assert code == 1 and "could not install gradio==3.41.2" in out and "not installed: gradio;" in out
+    else:
+        assert (installed["gradio"], installed["markupsafe"], code) == ("3.41.2", "2.1.5", 0)

@@ -67,8 +67,8 @@ def test_registers_tab_settings_routes_and_cleanup(webui):
     mods, tmp_path = webui
     script = _load(mods, tmp_path)
     callbacks = mods["modules.script_callbacks"].callbacks
-    assert {k: len(v) for k, v in callbacks.items()} == {"ui_tabs": 1, "ui_settings": 1, "app_started": 1,
-                                                         "script_unloaded": 1, "model_loaded": 0}
+    assert {k: len(v) for k, v in callbacks.items()} == {"before_ui": 1, "ui_tabs": 1, "ui_settings": 1,
+                                                         "app_started": 1, "script_unloaded": 1, "model_loaded": 0}
     assert script.__name__ == "shinkansen.py" and "shinkansen.py" not in sys.modules
     assert Path(sys.modules[PACKAGE].__file__).parent == EXT_DIR / "trainer"
 
@@ -161,3 +161,24 @@ def test_side_by_side_with_traintrain(webui, monkeypatch, tmp_path):
     assert ours_tab[0][1] == "Shinkansen" and "cannot run" not in str(ours_tab[0][0].config)
     assert type(script.webui.host()).__module__ == PACKAGE + ".webui.adapter"
     assert [t()[0][1] for t in callbacks["ui_tabs"][:1]] == ["TrainTrain"]
+
+
+def test_console_says_once_that_jobs_of_the_previous_session_wait(webui, monkeypatch, capsys):
+    """A1111 configures no logging handler: only warnings reach its console (Python's last-resort handler)."""
+    import logging
+    mods, tmp_path = webui
+    script = _load(mods, tmp_path)
+    importlib.import_module(PACKAGE + ".world.toy").make_dataset(tmp_path / "ds", 2, seed=1, image_size=64)
+    jobs = importlib.import_module(PACKAGE + ".app.jobs")
+    previous = jobs.JobQueue(script.webui.host())                 # the last session's queue, never started
+    for name in ("first", "second"):
+        previous.add({"mode": "LoRA", "lora_data_directory": str(tmp_path / "ds"), "save_lora_name": name})
+    monkeypatch.setattr(logging.root, "handlers", [])     # the WebUI's console, not pytest's log capture
+    capsys.readouterr()
+
+    callbacks = mods["modules.script_callbacks"].callbacks
+    callbacks["app_started"][0](None, __import__("fastapi").FastAPI())     # starts the queue, as at startup
+    load_like_webui(SCRIPT).webui.job_queue()                               # "Reload UI": no second notice
+    err = capsys.readouterr().err
+    assert err.count("2 job(s) from the previous session are waiting; press Run queue") == 1, err
+    assert script.webui.job_queue().paused

@@ -42,6 +42,14 @@ def _needs_package(name: str, package: str) -> str:
     return f"{name} needs the package '{package}', which is not installed: pip install {package}"
 
 
+def optimizer_package(name: str) -> str:
+    """The pip package an optimizer comes from (what install.py must install for a preset using it)."""
+    key = _key(name)
+    if key not in _OPTIMIZERS:
+        raise UserError(f"train_optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    return _OPTIMIZERS[key][2]
+
+
 def missing_optimizer_package(name: str) -> str | None:
     """Why optimizer ``name`` cannot run here (its package is not installed), else None.
 
@@ -56,10 +64,8 @@ def missing_optimizer_package(name: str) -> str | None:
 
 
 def optimizer_class(name: str):
-    key = _key(name)
-    if key not in _OPTIMIZERS:
-        raise UserError(f"train_optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
-    module, attr, package, _ = _OPTIMIZERS[key]
+    package = optimizer_package(name)
+    module, attr, _, _ = _OPTIMIZERS[_key(name)]
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError:

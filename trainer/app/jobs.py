@@ -437,7 +437,10 @@ class JobQueue:
         self._prune(kept)
         if pending:
             self._paused = True
-            log.info("%d job(s) from the previous session are waiting; press Run queue to start them", pending)
+            # warning, not info: the WebUI's console (and ours) shows only warnings unless told otherwise,
+            # and a user who does not see this thinks the queued jobs are lost.
+            log.warning("Shinkansen: %d job(s) from the previous session are waiting; press Run queue to start them",
+                        pending)
         self._thread = threading.Thread(target=self._loop, name="shinkansen-queue", daemon=True)
         self._thread.start()
         return self

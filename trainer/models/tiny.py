@@ -159,11 +159,30 @@ TINY_WORDS = ("a", "an", "on", "the", "of", "background", "small", "large", "red
               "purple", "orange", "white", "black", "gray", "circle", "square", "triangle", "zq", "zkx")
 
 
+TEXT_MODEL_PREFIX = "cond_stage_model.transformer."   # SD1 checkpoint prefix of transformers' CLIPTextModel
+
+
+def write_text_encoder_weights(checkpoint_state: dict, te_dir: os.PathLike) -> Path:
+    """``text_encoder/model.safetensors``: the checkpoint's own text model under transformers' names.
+
+    ldm's FrozenCLIPEmbedder (what the WebUI builds from the YAML) calls
+    ``CLIPTextModel.from_pretrained(version)``, which needs weights in that folder whenever the
+    WebUI does not skip it (its slow path); it then loads the checkpoint's, the same tensors.
+    """
+    from .checkpoint_io import save_safetensors_atomic
+    path = Path(te_dir) / "model.safetensors"
+    text_model = {k[len(TEXT_MODEL_PREFIX):]: v for k, v in checkpoint_state.items()
+                  if k.startswith(TEXT_MODEL_PREFIX)}
+    save_safetensors_atomic(text_model, path, metadata={"format": "pt"})
+    return path
+
+
 def write_model_files(bundle, folder: os.PathLike, name: str = "tiny-sd", dtype: torch.dtype = torch.float16) -> Path:
     """Write ``NAME.safetensors`` (SD1 single-file layout), ``NAME.yaml`` and ``text_encoder/``.
 
     The folder layout is the one SPEC §12 fixes for the embedded model, so any SD1 tool (and
-    our own loader) reads it: the YAML's text-encoder ``version`` names the folder beside it.
+    our own loader) reads it: the YAML's text-encoder ``version`` names the folder beside it,
+    which transformers can load on its own (config, tokenizer and weights).
     """
     from .checkpoint_io import save_safetensors_atomic
     folder = Path(folder)
@@ -177,6 +196,7 @@ def write_model_files(bundle, folder: os.PathLike, name: str = "tiny-sd", dtype:
              for k, v in bundle.checkpoint_state_dict().items()}
     path = folder / f"{name}.safetensors"
     save_safetensors_atomic(state, path, metadata={"format": "pt"})
+    write_text_encoder_weights(state, te_dir)
     (folder / f"{name}.yaml").write_text(ldm_yaml(bundle.config, "text_encoder",
                                                    "v" if bundle.prediction_type == "v_prediction" else "eps"),
                                          encoding="utf-8")

@@ -38,6 +38,8 @@ OPTIONS = {  # key: (default, label)
     "shinkansen_share_model": (True, "Train on the loaded checkpoint's weights in memory (no second copy); "
                                      "off: read its file again"),
     "shinkansen_refresh_loras": (True, "Refresh the Lora list after each training run"),
+    "shinkansen_offer_tiny_model": (True, "List the embedded tiny model (64x64) in the checkpoint dropdown "
+                                          "(shinkansen-tiny-sd in models/Stable-diffusion; applies at restart)"),
 }
 
 
@@ -370,6 +372,21 @@ def ui_settings() -> None:
         except TypeError:   # WebUIs before 1.7 have no categories
             info = shared.OptionInfo(default, label, section=SECTION)
         shared.opts.add_option(key, info)
+
+
+def before_ui() -> None:
+    """The embedded tiny model in the checkpoint dropdown, whose choices the WebUI builds right after this."""
+    from .embedded import offer_embedded_model
+    model_dir = getattr(sd_models, "model_path", None) if _option("shinkansen_offer_tiny_model") else None
+    path = offer_embedded_model(Path(model_dir)) if model_dir else None
+    listed = getattr(sd_models, "checkpoints_list", None)
+    if path is None or listed is None or not hasattr(sd_models, "CheckpointInfo") \
+            or any(WebUIHost._same_file(getattr(i, "filename", None), path) for i in listed.values()):
+        return
+    try:   # the WebUI scanned its folder before loading scripts; from now on its own scans find the file
+        sd_models.CheckpointInfo(str(path)).register()
+    except Exception as e:  # noqa: BLE001 - a checkpoint we could not list must not stop the WebUI
+        log.warning("Shinkansen: could not list the embedded tiny model %s: %s", path, e)
 
 
 def app_started(demo, app) -> None:
