@@ -89,17 +89,48 @@ class PassResult:
     stopped: bool = False
 
 
+def _first_line(e: BaseException) -> str:
+    """The informative line of an exception (torch's load_state_dict puts a bare heading first)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def read_training_state(path: str | os.PathLike) -> dict:
+    """A state :meth:`Run._save_state` wrote, read before any model work.
+
+    Read up front because the run must take its seed from it (a ``train_seed`` -1 run drew its seed at
+    random, and the network, batch order and noise are all built from the seed before training starts),
+    and so a missing or foreign file fails in seconds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"train_resume_state: {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not {"seed", "step", "network", "optimizer"} <= data.keys():
+        raise UserError(f"train_resume_state: {path} is not a training state (fields missing)")
+    return data
+
+
 class Run:
     """One job: settings, bundle, paths, events, stop flag, RNG; modes call :meth:`train` and :meth:`save`."""
 
     def __init__(self, settings: Settings, bundle, paths: RunPaths, events: Optional[EventBus] = None,
-                 stop: Optional[StopRequest] = None, model_info: Optional[dict] = None):
+                 stop: Optional[StopRequest] = None, model_info: Optional[dict] = None,
+                 resume_state: Optional[dict] = None):
         self.settings, self.bundle, self.paths = settings, bundle, paths
         self.events = events or EventBus()
         self.stop = stop or StopRequest()
         self.device = bundle.device
         self.model_info = model_info or {}
-        self.seed = settings.train_seed if settings.train_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+        if resume_state is None and settings.train_resume_state:
+            resume_state = read_training_state(settings.train_resume_state)
+        self.resume_state = resume_state
+        self.seed = self._resolve_seed()
         self.started = _dt.datetime.now()
         self.stamp = self.started.strftime("%Y%m%d_%H%M%S")
         self.saved: list[Path] = []
@@ -109,6 +140,16 @@ class Run:
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
+
+    def _resolve_seed(self) -> int:
+        """The resumed run's seed is the state's; otherwise ``train_seed``, or a random one for -1."""
+        wanted = self.settings.train_seed
+        if self.resume_state is not None:
+            seed = int(self.resume_state["seed"])
+            if 0 <= wanted != seed:
+                self.message(f"train_seed {wanted} ignored: the resumed run continues with its seed {seed}")
+            return seed
+        return wanted if wanted >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
 
     # ------------------------------------------------------------------ helpers for modes
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -368,24 +409,22 @@ class Run:
         return path
 
     def _load_state(self, path: Path, network, optimizer, scheduler, state, phase) -> tuple[int, Optional[float]]:
-        if not path.is_file():
-            raise UserError(f"train_resume_state: {path} does not exist")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
+        data = self.resume_state if self.resume_state is not None else read_training_state(path)
         if data.get("phase", "") != phase:
             # e.g. a Difference state saved in pass 2: pass 1 reruns from its seed (deterministic), pass 2 resumes
             self.message(f"train_resume_state is for {data.get('phase') or 'the run'}; {phase or 'this pass'} "
                          "runs from the start")
             return 0, None
-        network.load_state_dict(data["network"])
-        optimizer.load_state_dict(data["optimizer"])
-        scheduler.load_state_dict(data["scheduler"])
-        if state is not None and data.get("extra") is not None:
-            state.load_state_dict(data["extra"])
+        try:
+            network.load_state_dict(data["network"])
+            optimizer.load_state_dict(data["optimizer"])
+            scheduler.load_state_dict(data["scheduler"])
+            if state is not None and data.get("extra") is not None:
+                state.load_state_dict(data["extra"])
+        except (RuntimeError, ValueError, KeyError) as e:   # another rank, dataset, batch size, optimizer …
+            raise UserError(f"train_resume_state: {path} was saved by a run with other settings "
+                            f"({_first_line(e)}); resume with that run's settings") from None
         self._set_rng_states(data["rng"])
-        self.seed = int(data["seed"])
         self.message(f"resumed from {path} at step {data['step']}")
         return int(data["step"]), data.get("loss_ema")
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .engine import ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, resolve_precision
+from .engine import (ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, read_training_state,
+                     resolve_precision)
 from .errors import UserError
 from .events import ConsoleProgress, EventBus, RunEvent
 from .modes import mode_module
@@ -102,11 +103,12 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     check_output(settings, lora_dir)
     mode = mode_module(settings.mode)
     prepared = mode.prepare(settings)           # model-free input checks (folders, images, pairs)
+    resume_state = read_training_state(settings.train_resume_state) if settings.train_resume_state else None
     if bundle is None:
         bundle, model_info = load_bundle(settings, device, log_fn=lambda m: events.emit(RunEvent("message", m)))
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(lora_dir, Path(log_dir or ROOT / "logs"), Path(json_dir or ROOT / "json"))
-    run = Run(settings, bundle, paths, events, stop, model_info)
+    run = Run(settings, bundle, paths, events, stop, model_info, resume_state=resume_state)
     if prompt_encoder is not None:
         run.prompt_encoder = prompt_encoder
     status = "done"
