@@ -119,6 +119,79 @@ def test_cli_resumes_a_random_seed_state(tmp_path, dataset):
             leftover.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- item: one run, one loss CSV
+def _csv_steps(path):
+    with open(path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def _states_at(folder, name, steps):
+    """A sink copying the state file each time it is saved after one of ``steps`` (what a crash would leave)."""
+    last = {"step": 0}
+
+    def sink(e):
+        if isinstance(e, StepEvent):
+            last["step"] = e.step
+        elif getattr(e, "path", None) and e.path.endswith(".state.pt") and last["step"] in steps:
+            copy = folder / f"{name}-at{last['step']}-{e.data.get('phase', '') if e.data else ''}.pt"
+            copy.write_bytes(Path(e.path).read_bytes())
+    return sink
+
+
+def test_a_resumed_run_continues_its_loss_csv(tmp_path, dataset):
+    """Killed after step 5 with the last state from step 4: the CSV goes on from step 4, in the same file."""
+    s = settings(dataset, save_every_n_steps=2, save_lora_name="series", save_overwrite=True)
+    (tmp_path / "copies").mkdir()
+    first = run_job(s, lora_dir=tmp_path / "out", bundle=random_tiny_bundle(seed=0, device="cpu"),
+                    events=EventBus([_states_at(tmp_path / "copies", "series", {4})]),
+                    log_dir=tmp_path / "logs", json_dir=tmp_path / "json")
+    keep_5 = first.csv.read_text().splitlines(keepends=True)[:6]          # header + steps 1-5, as at the crash
+    first.csv.write_text("".join(keep_5) + "5,0.1")                          # and half a row being written
+    state = next((tmp_path / "copies").glob("series-at4*"))
+    resumed, steps = _job(tmp_path, s.with_overrides(train_resume_state=str(state)))
+    assert steps == [5, 6] and resumed.csv == first.csv
+    assert _csv_steps(resumed.csv) == [1, 2, 3, 4, 5, 6]
+    assert list((tmp_path / "logs").glob("*/*.csv")) == [first.csv]
+    from trainer.app.plot import list_runs
+    assert list_runs(tmp_path / "logs")[0] == first.csv                     # the Plot tab's "latest run"
+    assert _same_lora(first.saved[-1], resumed.saved[-1])
+
+
+def test_a_stopped_and_resumed_run_keeps_one_csv_and_new_runs_get_their_own(tmp_path, dataset):
+    s = settings(dataset, save_lora_name="twice")
+    part, _ = _job(tmp_path, s, stop_at=3)
+    resumed, _ = _job(tmp_path, s.with_overrides(train_resume_state=str(_state(tmp_path, "twice"))))
+    assert resumed.csv == part.csv and _csv_steps(resumed.csv) == [1, 2, 3, 4, 5, 6]
+    again, _ = _job(tmp_path, s.with_overrides(save_overwrite=True))           # a new run: a CSV of its own
+    assert again.csv != part.csv and _csv_steps(again.csv) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_difference_run_resumed_in_pass_2_logs_each_step_once(tmp_path):
+    a, b = toy.make_pair("circle", "red", "white", 32, 32, 8, 20)
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.png")
+    s = Settings.from_dict({**BASE, "mode": "Difference", "original_image": str(tmp_path / "a.png"),
+                            "target_image": str(tmp_path / "b.png"), "train_iterations": 4,
+                            "save_lora_name": "diff", "save_overwrite": True})
+    part, _ = _job(tmp_path, s)
+    full_rows = _csv_steps(part.csv)
+    assert full_rows == [1, 2, 3, 4, 1, 2, 3, 4]                            # pass 1, then pass 2
+    stop = StopRequest()
+
+    def stop_in_pass_2(e):
+        if isinstance(e, StepEvent) and e.phase == "pass 2" and e.step == 2:
+            stop.request("stop")
+
+    run_job(s, lora_dir=tmp_path / "b" / "out", bundle=random_tiny_bundle(seed=0, device="cpu"),
+            events=EventBus([stop_in_pass_2]), stop=stop, log_dir=tmp_path / "b" / "logs",
+            json_dir=tmp_path / "b" / "json")
+    state = tmp_path / "b" / "logs" / "states" / "diff-pass2.state.pt"
+    resumed, _ = _job(tmp_path / "b", s.with_overrides(train_resume_state=str(state)))
+    assert _csv_steps(resumed.csv) == full_rows
+    assert len(list((tmp_path / "b" / "logs").glob("*/*.csv"))) == 1
+    assert _same_lora(part.saved[-1], resumed.saved[-1])
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """Bit-equal LoRAs need one CPU thread: with two, the backward's reductions vary from run to run (~1e-7)."""

@@ -138,6 +138,8 @@ class Run:
         self.csv: Optional[CsvLogger] = None
         self.csv_path: Optional[Path] = None
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
+        self.done_phases: list[str] = []                    # passes trained to the end (saved with the state)
+        self._pass_t0 = time.perf_counter()
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
 
@@ -173,7 +175,15 @@ class Run:
         return self.paths.lora(name or self.settings.save_lora_name, step)
 
     def open_csv(self, with_te_lr: bool) -> None:
+        """A new loss CSV for a new run; a resumed run continues the CSV its state names (one series)."""
         if not self.settings.logging_save_csv or self.csv is not None:
+            return
+        resumed = Path(self.resume_state["csv"]) if (self.resume_state or {}).get("csv") else None
+        if resumed is not None and resumed.is_file():
+            self.csv_path = resumed
+            self.csv = CsvLogger(resumed, with_te_lr, keep_rows=int(self.resume_state.get("csv_rows") or 0))
+            self.events.subscribe(self.csv)
+            self.message(f"continuing the loss CSV {resumed}")
             return
         day = self.started.strftime("%Y%m%d")
         folder, stem = self.paths.log_dir / day, f"{self.settings.save_lora_name}-{self.stamp}"
@@ -264,15 +274,19 @@ class Run:
                     if self.device.type == "cuda" and model_dtype != torch.float32 else None)
         scaler = torch.amp.GradScaler("cuda") if autocast is not None and model_dtype == torch.float16 else None
 
-        start_step, loss_ema = 0, None
+        start_step, loss_ema, elapsed = 0, None, 0.0
         resume_path = Path(s.train_resume_state) if s.train_resume_state else None
         if resume_path is not None:
-            start_step, loss_ema = self._load_state(resume_path, network, optimizer, scheduler, state, phase)
+            start_step, loss_ema, elapsed = self._load_state(resume_path, network, optimizer, scheduler, state,
+                                                             phase)
         if is_schedule_free(optimizer):
             optimizer.train()
+        if self.csv is not None:   # a pass the resumed state had finished re-runs; its rows are in the CSV
+            self.csv.muted = phase in (self.resume_state or {}).get("done_phases", ())
 
         total, accum = s.train_iterations, max(1, s.gradient_accumulation_steps)
-        t0, step_times = time.perf_counter(), []
+        t0, step_times = time.perf_counter() - elapsed, []
+        self._pass_t0 = t0
         last = time.perf_counter()
         step = start_step
         self.events.emit(RunEvent("start", f"training {phase or s.mode}: {total} steps", data={"phase": phase}))
@@ -325,6 +339,9 @@ class Run:
                     self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         if is_schedule_free(optimizer):
             optimizer.eval()   # the averaged weights are the ones to keep
+        self.done_phases.append(phase)
+        if self.csv is not None:
+            self.csv.muted = False
         if s.save_state:
             self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
@@ -399,7 +416,11 @@ class Run:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": self._rng_states(),
                 "extra": state.state_dict() if state is not None else None,
-                "settings": json.dumps(s.to_dict("ours"), default=str)}
+                "settings": json.dumps(s.to_dict("ours"), default=str),
+                # the loss CSV goes on where this state was saved: one run, one series in the plot
+                "csv": str(self.csv_path) if self.csv is not None else None,
+                "csv_rows": self.csv.rows if self.csv is not None else None,
+                "done_phases": list(self.done_phases), "elapsed_s": time.perf_counter() - self._pass_t0}
         path = self.state_path(phase)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -408,13 +429,15 @@ class Run:
         self.events.emit(RunEvent("message", f"training state saved: {path}", path=str(path)))
         return path
 
-    def _load_state(self, path: Path, network, optimizer, scheduler, state, phase) -> tuple[int, Optional[float]]:
+    def _load_state(self, path: Path, network, optimizer, scheduler, state,
+                    phase) -> tuple[int, Optional[float], float]:
+        """Restore a pass from the state: (steps done, loss EMA, seconds trained) -- (0, None, 0) for another pass."""
         data = self.resume_state if self.resume_state is not None else read_training_state(path)
         if data.get("phase", "") != phase:
             # e.g. a Difference state saved in pass 2: pass 1 reruns from its seed (deterministic), pass 2 resumes
             self.message(f"train_resume_state is for {data.get('phase') or 'the run'}; {phase or 'this pass'} "
                          "runs from the start")
-            return 0, None
+            return 0, None, 0.0
         try:
             network.load_state_dict(data["network"])
             optimizer.load_state_dict(data["optimizer"])
@@ -426,7 +449,7 @@ class Run:
                             f"({_first_line(e)}); resume with that run's settings") from None
         self._set_rng_states(data["rng"])
         self.message(f"resumed from {path} at step {data['step']}")
-        return int(data["step"]), data.get("loss_ema")
+        return int(data["step"]), data.get("loss_ema"), float(data.get("elapsed_s") or 0.0)
 
     def _rng_states(self) -> dict:
         out = {"torch": torch.get_rng_state()}   # modes draw only from registered generators
