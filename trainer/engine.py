@@ -9,10 +9,14 @@ the resumable training state, and the events (console, CSV, UI) — once, for ev
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import io
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,6 +91,30 @@ class PassResult:
     steps: int
     final_loss: float
     stopped: bool = False
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _free(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def write_failed(path: Path, size: int, error: OSError) -> str:
+    """One line on why ``path`` (``size`` bytes) could not be written: for a full disk, the folder and the
+    space it needs."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        free = _free(path.parent)
+        now = f", {_size(free)} free now" if free is not None else ""
+        return f"disk full: {path.parent} needs {_size(size)} free for {path.name}{now}"
+    return f"could not write {path}: {error.strerror or error}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -234,20 +262,38 @@ class Run:
 
     def save(self, network, settings: Optional[Settings] = None, *, steps: int, name: Optional[str] = None,
              step_suffix: Optional[int] = None, extra: Optional[dict] = None) -> Path:
-        """Write ``network`` as a kohya LoRA (atomic) and announce it; schedule-free weights swapped in first."""
-        from .networks import save_lora
+        """Write ``network`` as a kohya LoRA (atomic) and announce it; schedule-free weights swapped in first.
+
+        A failed write (full disk) ends the run with one line that says where the weights were kept instead.
+        """
+        from .networks import lora_file_bytes, write_file_atomic
         settings = settings or self.settings
         path = self.output_path(name, step_suffix)
         dtype = resolve_precision(settings.save_precision, self.device) if settings.save_precision != "model" \
             else self.bundle.dtype
+        data = lora_file_bytes(network, self.metadata(settings, network, steps, extra), dtype=dtype,
+                               strength=settings.network_strength)
         try:
-            out = save_lora(network, path, self.metadata(settings, network, steps, extra), dtype=dtype,
-                            strength=settings.network_strength)
+            out = write_file_atomic(path, data)
         except OSError as e:
-            raise TrainingError(f"could not write {path}: {e.strerror or e}") from None
+            raise TrainingError(f"{write_failed(path, len(data), e)}; {self._keep_elsewhere(path, data)}") from None
         self.saved.append(out)
         self.events.emit(RunEvent("saved", f"saved: {out}", path=str(out)))
         return out
+
+    def _keep_elsewhere(self, path: Path, data: bytes) -> str:
+        """Put a LoRA that could not be written to ``path`` in the states folder, else the system's temporary
+        folder (often another disk), so a full disk loses no training; says where."""
+        from .networks import write_file_atomic
+        for folder in (self.paths.log_dir / "states", Path(tempfile.gettempdir())):
+            if folder.resolve() == path.parent.resolve():
+                continue
+            try:
+                kept = write_file_atomic(folder / path.name, data)
+            except OSError:
+                continue
+            return f"the trained weights are kept in {kept}"
+        return "the trained weights could not be kept anywhere either"
 
     # ------------------------------------------------------------------ the loop
     def train(self, loss_fn: Callable[[int], torch.Tensor], network, settings: Optional[Settings] = None, *,
@@ -421,11 +467,14 @@ class Run:
                 "csv": str(self.csv_path) if self.csv is not None else None,
                 "csv_rows": self.csv.rows if self.csv is not None else None,
                 "done_phases": list(self.done_phases), "elapsed_s": time.perf_counter() - self._pass_t0}
-        path = self.state_path(phase)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        from .networks import write_file_atomic
+        path, buffer = self.state_path(phase), io.BytesIO()
+        torch.save(data, buffer)
+        try:
+            write_file_atomic(path, buffer.getvalue())
+        except OSError as e:   # the state is a convenience: training goes on, and the LoRA save says the rest
+            self.message(f"training state not saved: {write_failed(path, buffer.tell(), e)}")
+            return path
         self.events.emit(RunEvent("message", f"training state saved: {path}", path=str(path)))
         return path
 

@@ -148,7 +148,12 @@ class CsvLogger:
         if self.with_te_lr:
             row.append(f"{(event.lr_te if event.lr_te is not None else event.lr):.6g}")
         row.append(f"{event.elapsed_s:.2f}")
-        os.write(self._fd, (",".join(row) + "\n").encode())
+        try:
+            os.write(self._fd, (",".join(row) + "\n").encode())
+        except OSError as e:   # a full disk: one line, no traceback; the run goes on and its save reports it
+            log.warning("loss CSV %s: %s; no more rows are written", self.path, e.strerror or e)
+            self.close()
+            return
         self.rows += 1
 
     def close(self) -> None:

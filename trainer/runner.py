@@ -119,6 +119,11 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     finally:
         if run.csv is not None:
             run.csv.close()
-    json_path = write_run_json(settings, run, paths.json_dir) if settings.save_as_json else None
+    json_path = None
+    if settings.save_as_json:
+        try:
+            json_path = write_run_json(settings, run, paths.json_dir)
+        except OSError as e:   # the LoRA is written; the run's settings are in its metadata too
+            events.emit(RunEvent("message", f"run JSON not written: {paths.json_dir}: {e.strerror or e}"))
     events.emit(RunEvent(status, f"{status}: {len(run.saved)} file(s) written in {time.time() - t0:.0f}s"))
     return JobResult(status, list(run.saved), run.csv_path, json_path, time.time() - t0)
