@@ -9,10 +9,14 @@ the resumable training state, and the events (console, CSV, UI) — once, for ev
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import io
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,17 +93,72 @@ class PassResult:
     stopped: bool = False
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _free(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def write_failed(path: Path, size: int, error: OSError) -> str:
+    """One line on why ``path`` (``size`` bytes) could not be written: for a full disk, the folder and the
+    space it needs."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        free = _free(path.parent)
+        now = f", {_size(free)} free now" if free is not None else ""
+        return f"disk full: {path.parent} needs {_size(size)} free for {path.name}{now}"
+    return f"could not write {path}: {error.strerror or error}"
+
+
+def _first_line(e: BaseException) -> str:
+    """The informative line of an exception (torch's load_state_dict puts a bare heading first)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def read_training_state(path: str | os.PathLike) -> dict:
+    """A state :meth:`Run._save_state` wrote, read before any model work.
+
+    Read up front because the run must take its seed from it (a ``train_seed`` -1 run drew its seed at
+    random, and the network, batch order and noise are all built from the seed before training starts),
+    and so a missing or foreign file fails in seconds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"train_resume_state: {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not {"seed", "step", "network", "optimizer"} <= data.keys():
+        raise UserError(f"train_resume_state: {path} is not a training state (fields missing)")
+    return data
+
+
 class Run:
     """One job: settings, bundle, paths, events, stop flag, RNG; modes call :meth:`train` and :meth:`save`."""
 
     def __init__(self, settings: Settings, bundle, paths: RunPaths, events: Optional[EventBus] = None,
-                 stop: Optional[StopRequest] = None, model_info: Optional[dict] = None):
+                 stop: Optional[StopRequest] = None, model_info: Optional[dict] = None,
+                 resume_state: Optional[dict] = None):
         self.settings, self.bundle, self.paths = settings, bundle, paths
         self.events = events or EventBus()
         self.stop = stop or StopRequest()
         self.device = bundle.device
         self.model_info = model_info or {}
-        self.seed = settings.train_seed if settings.train_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+        if resume_state is None and settings.train_resume_state:
+            resume_state = read_training_state(settings.train_resume_state)
+        self.resume_state = resume_state
+        self.seed = self._resolve_seed()
         self.started = _dt.datetime.now()
         self.stamp = self.started.strftime("%Y%m%d_%H%M%S")
         self.saved: list[Path] = []
@@ -107,8 +166,20 @@ class Run:
         self.csv: Optional[CsvLogger] = None
         self.csv_path: Optional[Path] = None
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
+        self.done_phases: list[str] = []                    # passes trained to the end (saved with the state)
+        self._pass_t0 = time.perf_counter()
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
+
+    def _resolve_seed(self) -> int:
+        """The resumed run's seed is the state's; otherwise ``train_seed``, or a random one for -1."""
+        wanted = self.settings.train_seed
+        if self.resume_state is not None:
+            seed = int(self.resume_state["seed"])
+            if 0 <= wanted != seed:
+                self.message(f"train_seed {wanted} ignored: the resumed run continues with its seed {seed}")
+            return seed
+        return wanted if wanted >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
 
     # ------------------------------------------------------------------ helpers for modes
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -132,7 +203,15 @@ class Run:
         return self.paths.lora(name or self.settings.save_lora_name, step)
 
     def open_csv(self, with_te_lr: bool) -> None:
+        """A new loss CSV for a new run; a resumed run continues the CSV its state names (one series)."""
         if not self.settings.logging_save_csv or self.csv is not None:
+            return
+        resumed = Path(self.resume_state["csv"]) if (self.resume_state or {}).get("csv") else None
+        if resumed is not None and resumed.is_file():
+            self.csv_path = resumed
+            self.csv = CsvLogger(resumed, with_te_lr, keep_rows=int(self.resume_state.get("csv_rows") or 0))
+            self.events.subscribe(self.csv)
+            self.message(f"continuing the loss CSV {resumed}")
             return
         day = self.started.strftime("%Y%m%d")
         folder, stem = self.paths.log_dir / day, f"{self.settings.save_lora_name}-{self.stamp}"
@@ -185,20 +264,38 @@ class Run:
 
     def save(self, network, settings: Optional[Settings] = None, *, steps: int, name: Optional[str] = None,
              step_suffix: Optional[int] = None, extra: Optional[dict] = None) -> Path:
-        """Write ``network`` as a kohya LoRA (atomic) and announce it; schedule-free weights swapped in first."""
-        from .networks import save_lora
+        """Write ``network`` as a kohya LoRA (atomic) and announce it; schedule-free weights swapped in first.
+
+        A failed write (full disk) ends the run with one line that says where the weights were kept instead.
+        """
+        from .networks import lora_file_bytes, write_file_atomic
         settings = settings or self.settings
         path = self.output_path(name, step_suffix)
         dtype = resolve_precision(settings.save_precision, self.device) if settings.save_precision != "model" \
             else self.bundle.dtype
+        data = lora_file_bytes(network, self.metadata(settings, network, steps, extra), dtype=dtype,
+                               strength=settings.network_strength)
         try:
-            out = save_lora(network, path, self.metadata(settings, network, steps, extra), dtype=dtype,
-                            strength=settings.network_strength)
+            out = write_file_atomic(path, data)
         except OSError as e:
-            raise TrainingError(f"could not write {path}: {e.strerror or e}") from None
+            raise TrainingError(f"{write_failed(path, len(data), e)}; {self._keep_elsewhere(path, data)}") from None
         self.saved.append(out)
         self.events.emit(RunEvent("saved", f"saved: {out}", path=str(out)))
         return out
+
+    def _keep_elsewhere(self, path: Path, data: bytes) -> str:
+        """Put a LoRA that could not be written to ``path`` in the states folder, else the system's temporary
+        folder (often another disk), so a full disk loses no training; says where."""
+        from .networks import write_file_atomic
+        for folder in (self.paths.log_dir / "states", Path(tempfile.gettempdir())):
+            if folder.resolve() == path.parent.resolve():
+                continue
+            try:
+                kept = write_file_atomic(folder / path.name, data)
+            except OSError:
+                continue
+            return f"the trained weights are kept in {kept}"
+        return "the trained weights could not be kept anywhere either"
 
     # ------------------------------------------------------------------ the loop
     def train(self, loss_fn: Callable[[int], torch.Tensor], network, settings: Optional[Settings] = None, *,
@@ -225,15 +322,19 @@ class Run:
                     if self.device.type == "cuda" and model_dtype != torch.float32 else None)
         scaler = torch.amp.GradScaler("cuda") if autocast is not None and model_dtype == torch.float16 else None
 
-        start_step, loss_ema = 0, None
+        start_step, loss_ema, elapsed = 0, None, 0.0
         resume_path = Path(s.train_resume_state) if s.train_resume_state else None
         if resume_path is not None:
-            start_step, loss_ema = self._load_state(resume_path, network, optimizer, scheduler, state, phase)
+            start_step, loss_ema, elapsed = self._load_state(resume_path, network, optimizer, scheduler, state,
+                                                             phase)
         if is_schedule_free(optimizer):
             optimizer.train()
+        if self.csv is not None:   # a pass the resumed state had finished re-runs; its rows are in the CSV
+            self.csv.muted = phase in (self.resume_state or {}).get("done_phases", ())
 
         total, accum = s.train_iterations, max(1, s.gradient_accumulation_steps)
-        t0, step_times = time.perf_counter(), []
+        t0, step_times = time.perf_counter() - elapsed, []
+        self._pass_t0 = t0
         last = time.perf_counter()
         step = start_step
         self.events.emit(RunEvent("start", f"training {phase or s.mode}: {total} steps", data={"phase": phase}))
@@ -286,6 +387,9 @@ class Run:
                     self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         if is_schedule_free(optimizer):
             optimizer.eval()   # the averaged weights are the ones to keep
+        self.done_phases.append(phase)
+        if self.csv is not None:
+            self.csv.muted = False
         if s.save_state:
             self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
@@ -360,36 +464,43 @@ class Run:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": self._rng_states(),
                 "extra": state.state_dict() if state is not None else None,
-                "settings": json.dumps(s.to_dict("ours"), default=str)}
-        path = self.state_path(phase)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+                "settings": json.dumps(s.to_dict("ours"), default=str),
+                # the loss CSV goes on where this state was saved: one run, one series in the plot
+                "csv": str(self.csv_path) if self.csv is not None else None,
+                "csv_rows": self.csv.rows if self.csv is not None else None,
+                "done_phases": list(self.done_phases), "elapsed_s": time.perf_counter() - self._pass_t0}
+        from .networks import write_file_atomic
+        path, buffer = self.state_path(phase), io.BytesIO()
+        torch.save(data, buffer)
+        try:
+            write_file_atomic(path, buffer.getvalue())
+        except OSError as e:   # the state is a convenience: training goes on, and the LoRA save says the rest
+            self.message(f"training state not saved: {write_failed(path, buffer.tell(), e)}")
+            return path
         self.events.emit(RunEvent("message", f"training state saved: {path}", path=str(path)))
         return path
 
-    def _load_state(self, path: Path, network, optimizer, scheduler, state, phase) -> tuple[int, Optional[float]]:
-        if not path.is_file():
-            raise UserError(f"train_resume_state: {path} does not exist")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"train_resume_state: {path} is not a training state ({type(e).__name__})") from None
+    def _load_state(self, path: Path, network, optimizer, scheduler, state,
+                    phase) -> tuple[int, Optional[float], float]:
+        """Restore a pass from the state: (steps done, loss EMA, seconds trained) -- (0, None, 0) for another pass."""
+        data = self.resume_state if self.resume_state is not None else read_training_state(path)
         if data.get("phase", "") != phase:
             # e.g. a Difference state saved in pass 2: pass 1 reruns from its seed (deterministic), pass 2 resumes
             self.message(f"train_resume_state is for {data.get('phase') or 'the run'}; {phase or 'this pass'} "
                          "runs from the start")
-            return 0, None
-        network.load_state_dict(data["network"])
-        optimizer.load_state_dict(data["optimizer"])
-        scheduler.load_state_dict(data["scheduler"])
-        if state is not None and data.get("extra") is not None:
-            state.load_state_dict(data["extra"])
+            return 0, None, 0.0
+        try:
+            network.load_state_dict(data["network"])
+            optimizer.load_state_dict(data["optimizer"])
+            scheduler.load_state_dict(data["scheduler"])
+            if state is not None and data.get("extra") is not None:
+                state.load_state_dict(data["extra"])
+        except (RuntimeError, ValueError, KeyError) as e:   # another rank, dataset, batch size, optimizer …
+            raise UserError(f"train_resume_state: {path} was saved by a run with other settings "
+                            f"({_first_line(e)}); resume with that run's settings") from None
         self._set_rng_states(data["rng"])
-        self.seed = int(data["seed"])
         self.message(f"resumed from {path} at step {data['step']}")
-        return int(data["step"]), data.get("loss_ema")
+        return int(data["step"]), data.get("loss_ema"), float(data.get("elapsed_s") or 0.0)
 
     def _rng_states(self) -> dict:
         out = {"torch": torch.get_rng_state()}   # modes draw only from registered generators

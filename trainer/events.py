@@ -108,27 +108,53 @@ class ConsoleProgress:
             self.stream.flush()
 
 
+def keep_csv_rows(path: Path, rows: int) -> None:
+    """Cut a loss CSV back to its header and first ``rows`` rows (atomic: temp file + rename).
+
+    A resumed run continues the CSV from where its state was saved; rows written after that (the
+    run went on until it was killed) are dropped, as is an unterminated last line.
+    """
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]   # complete lines only
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines[:1 + max(0, rows)]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class CsvLogger:
     """``step,loss,loss_ema,lr[,lr_te],elapsed_s``; each row one ``write`` on an append-mode descriptor,
-    so a crash leaves whole rows only (a reader drops an unterminated last line)."""
+    so a crash leaves whole rows only (a reader drops an unterminated last line).
 
-    def __init__(self, path: Path, with_te_lr: bool):
+    ``keep_rows`` continues an existing CSV after its first ``keep_rows`` rows (a resumed run);
+    ``rows`` counts the rows in the file, ``muted`` skips rows that are already there (a pass re-run).
+    """
+
+    def __init__(self, path: Path, with_te_lr: bool, keep_rows: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.with_te_lr = with_te_lr
+        self.rows, self.muted = 0, False
+        if keep_rows is not None and self.path.is_file():
+            keep_csv_rows(self.path, keep_rows)
+            self.rows = max(0, self.path.read_text(encoding="utf-8", errors="replace").count("\n") - 1)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if os.fstat(self._fd).st_size == 0:
             header = "step,loss,loss_ema,lr" + (",lr_te" if with_te_lr else "") + ",elapsed_s\n"
             os.write(self._fd, header.encode())
 
     def __call__(self, event: object) -> None:
-        if not isinstance(event, StepEvent) or self._fd is None:
+        if not isinstance(event, StepEvent) or self._fd is None or self.muted:
             return
         row = [str(event.step), f"{event.loss:.6g}", f"{event.loss_ema:.6g}", f"{event.lr:.6g}"]
         if self.with_te_lr:
             row.append(f"{(event.lr_te if event.lr_te is not None else event.lr):.6g}")
         row.append(f"{event.elapsed_s:.2f}")
-        os.write(self._fd, (",".join(row) + "\n").encode())
+        try:
+            os.write(self._fd, (",".join(row) + "\n").encode())
+        except OSError as e:   # a full disk: one line, no traceback; the run goes on and its save reports it
+            log.warning("loss CSV %s: %s; no more rows are written", self.path, e.strerror or e)
+            self.close()
+            return
+        self.rows += 1
 
     def close(self) -> None:
         if self._fd is not None:

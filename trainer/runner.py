@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .engine import ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, resolve_precision
+from .engine import (ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, read_training_state,
+                     resolve_precision)
 from .errors import UserError
 from .events import ConsoleProgress, EventBus, RunEvent
 from .modes import mode_module
@@ -107,11 +108,12 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
         device = resolve_device(device)
     mode = mode_module(settings.mode)
     prepared = mode.prepare(settings)           # model-free input checks (folders, images, pairs)
+    resume_state = read_training_state(settings.train_resume_state) if settings.train_resume_state else None
     if bundle is None:
         bundle, model_info = load_bundle(settings, device, log_fn=lambda m: events.emit(RunEvent("message", m)))
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(lora_dir, Path(log_dir or ROOT / "logs"), Path(json_dir or ROOT / "json"))
-    run = Run(settings, bundle, paths, events, stop, model_info)
+    run = Run(settings, bundle, paths, events, stop, model_info, resume_state=resume_state)
     if prompt_encoder is not None:
         run.prompt_encoder = prompt_encoder
     status = "done"
@@ -122,6 +124,11 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     finally:
         if run.csv is not None:
             run.csv.close()
-    json_path = write_run_json(settings, run, paths.json_dir) if settings.save_as_json else None
+    json_path = None
+    if settings.save_as_json:
+        try:
+            json_path = write_run_json(settings, run, paths.json_dir)
+        except OSError as e:   # the LoRA is written; the run's settings are in its metadata too
+            events.emit(RunEvent("message", f"run JSON not written: {paths.json_dir}: {e.strerror or e}"))
     events.emit(RunEvent(status, f"{status}: {len(run.saved)} file(s) written in {time.time() - t0:.0f}s"))
     return JobResult(status, list(run.saved), run.csv_path, json_path, time.time() - t0)

@@ -165,17 +165,18 @@ def build_metadata(network: LoRANetwork, info: Optional[Mapping[str, Any]] = Non
 
 # ------------------------------------------------------------------------------------------ files
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
-                      metadata: Mapping[str, str]) -> Path:
-    """Write via a temporary file in the same folder and an atomic rename: a crash never leaves a
-    half-written file under ``path``."""
+def write_file_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write ``data`` via a temporary file in the same folder and an atomic rename: a crash never leaves a
+    half-written file under ``path``. Python's own writes, so a full disk is an ``OSError`` with its errno
+    (safetensors' and torch's writers report it as their own exception types, without one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would carry over to the LoRA; the name is unique per process and call.
+    # Not mkstemp: its 0600 mode would carry over to the file; the name is unique per process and call.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb") as f:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -185,14 +186,27 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.P
     return path
 
 
-def save_lora(network: LoRANetwork, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, Any]] = None,
-              dtype: Union[str, torch.dtype, None] = torch.float16, strength: float = 1.0) -> Path:
-    """Save ``network`` as a kohya-format LoRA (``strength`` baked in, ``dtype`` = save_precision)."""
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
+                      metadata: Mapping[str, str]) -> Path:
+    """``tensors`` as a ``.safetensors`` file, atomically (:func:`write_file_atomic`)."""
+    return write_file_atomic(path, safetensors.torch.save(dict(tensors), metadata=dict(metadata)))
+
+
+def lora_file_bytes(network: LoRANetwork, metadata: Optional[Mapping[str, Any]] = None,
+                    dtype: Union[str, torch.dtype, None] = torch.float16, strength: float = 1.0) -> bytes:
+    """The kohya-format file of ``network`` in memory (``strength`` baked in, ``dtype`` = save_precision);
+    kept as bytes so a failed write can put the very same file elsewhere."""
     tensors = network.kohya_state_dict(save_dtype(dtype), strength=strength)
     md = build_metadata(network, metadata, strength)
     md["sshs_model_hash"], md["sshs_legacy_hash"] = kohya_hashes(tensors, md)
-    out = write_safetensors(tensors, path, md)
-    log.info("saved %s (%d tensors, %s)", out, len(tensors), str(save_dtype(dtype)).replace("torch.", ""))
+    return safetensors.torch.save(tensors, metadata=md)
+
+
+def save_lora(network: LoRANetwork, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, Any]] = None,
+              dtype: Union[str, torch.dtype, None] = torch.float16, strength: float = 1.0) -> Path:
+    """Save ``network`` as a kohya-format LoRA (``strength`` baked in, ``dtype`` = save_precision)."""
+    out = write_file_atomic(path, lora_file_bytes(network, metadata, dtype, strength))
+    log.info("saved %s (%s)", out, str(save_dtype(dtype)).replace("torch.", ""))
     return out
 
 
