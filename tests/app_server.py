@@ -79,9 +79,10 @@ class AppServer:
         """What a crash looks like: SIGKILL, no cleanup at all."""
         self.stop(signal.SIGKILL)
 
-    def request(self, method: str, path: str, body=None, auth=None, query: str = ""):
-        """``(status, json)`` of an API call; HTTP errors are returned, not raised."""
-        data = json.dumps(body).encode() if body is not None else None
+    def request(self, method: str, path: str, body=None, auth=None, query: str = "", raw: bytes | None = None):
+        """``(status, json)`` of an API call; HTTP errors are returned, not raised. ``raw``: send these
+        bytes as the body instead of ``body`` as JSON."""
+        data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}{API}{path}{query}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         if auth:

@@ -59,7 +59,8 @@ def main(argv: Optional[list] = None) -> int:
     after = generate(bundle, ["zq"] * 8, seeds, steps=20, cfg=5.0)
     for n in nets:
         n.remove()
-    grid(before + after, cols=8).save(out / "before_after.png")
+    grid(before + after, cols=8, row_labels=["zq: without the LoRA", f"zq: with {Path(lora).name}"],
+         col_labels=[f"seed {s}" for s in seeds]).save(out / "before_after.png")
     print(f"saved: {lora}\nsaved: {plot}\nsaved: {out / 'before_after.png'} (top: without the LoRA, bottom: with it)")
     return 0
 

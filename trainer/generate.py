@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
 from .models.bundle import ModelBundle
@@ -21,14 +21,52 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
 
 
-def grid(images: Sequence[Image.Image], cols: Optional[int] = None) -> Image.Image:
+LABEL_PAD = 3   # pixels around label text
+
+
+def grid(images: Sequence[Image.Image], cols: Optional[int] = None,
+         row_labels: Sequence[str] = (), col_labels: Sequence[str] = ()) -> Image.Image:
+    """Images in rows of ``cols``. ``row_labels`` are drawn in a strip left of the rows and ``col_labels``
+    above the columns (black on white), so a saved grid says by itself which row is which prompt or LoRA
+    and which column which seed."""
     cols = cols or int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / cols))
+    if row_labels and len(row_labels) != rows or col_labels and len(col_labels) != cols:
+        raise ValueError(f"{len(row_labels)} row / {len(col_labels)} column labels for a {rows}x{cols} grid")
     w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+    row_texts = [_wrap(t, draw, font, max(2 * w, 128)) for t in row_labels]
+    col_texts = [_wrap(t, draw, font, w - 2 * LABEL_PAD) for t in col_labels]
+    left = max((_text_size(t, draw, font)[0] for t in row_texts), default=-2 * LABEL_PAD) + 2 * LABEL_PAD
+    top = max((_text_size(t, draw, font)[1] for t in col_texts), default=-2 * LABEL_PAD) + 2 * LABEL_PAD
+    out = Image.new("RGB", (left + cols * w, top + rows * h), "white")
     for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
+        out.paste(im, (left + (i % cols) * w, top + (i // cols) * h))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(row_texts):
+        y = top + r * h + (h - _text_size(text, draw, font)[1]) // 2
+        draw.multiline_text((LABEL_PAD, y), text, fill="black", font=font)
+    for c, text in enumerate(col_texts):
+        x = left + c * w + (w - _text_size(text, draw, font)[0]) // 2
+        draw.multiline_text((x, LABEL_PAD), text, fill="black", font=font, align="center")
     return out
+
+
+def _text_size(text: str, draw: ImageDraw.ImageDraw, font) -> tuple[int, int]:
+    """Width and height the text's ink reaches from its origin."""
+    _, _, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
+    return right, bottom
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> str:
+    """Greedy word wrap to ``width`` pixels (a word longer than that keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -113,7 +151,8 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[st
     seeds = [seed + i for i in range(num_images)]
     imgs = generate(bundle, [p for p in prompts for _ in seeds], seeds * len(prompts), negative=negative,
                     steps=steps, cfg=cfg, size=size, sampler=sampler, clip_skip=clip_skip)
-    image = imgs[0] if len(imgs) == 1 else grid(imgs, cols=num_images if len(prompts) > 1 else None)
+    image = imgs[0] if len(imgs) == 1 else grid(imgs, cols=num_images, row_labels=prompts,
+                                                 col_labels=[f"seed {s}" for s in seeds])
     tmp = output.with_name(f".{output.name}.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(output)

@@ -36,14 +36,24 @@ def preset_path(name: str, folder: str | os.PathLike = PRESETS_DIR) -> Path:
     return Path(folder) / f"{name}.json"
 
 
+class PresetNotFound(UserError):
+    """No preset of that name (HTTP 404 in the API)."""
+
+
 def load_preset(name_or_path: str | os.PathLike, folder: str | os.PathLike = PRESETS_DIR) -> Settings:
     """Load a preset by name (from ``folder``) or by path to a JSON file."""
     p = Path(name_or_path)
-    if not (p.suffix.lower() == ".json" and p.is_file()):
-        p = preset_path(str(name_or_path), folder)
-        if not p.is_file():
-            available = ", ".join(list_presets(folder)) or "none"
-            raise UserError(f"preset {str(name_or_path)!r} not found in {folder} (available: {available})")
+    if p.suffix.lower() == ".json" and p.is_file():
+        return Settings.from_json(p)
+    return load_named_preset(str(name_or_path), folder)
+
+
+def load_named_preset(name: str, folder: str | os.PathLike = PRESETS_DIR) -> Settings:
+    """Load the preset called ``name`` from ``folder``; never a path (the HTTP API reads no other file)."""
+    p = preset_path(name, folder)
+    if not p.is_file():
+        available = ", ".join(list_presets(folder)) or "none"
+        raise PresetNotFound(f"preset {name!r} not found in {folder} (available: {available})")
     return Settings.from_json(p)
 
 
