@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .atomic import atomic_path
 from . import __version__
 from .errors import UserError
 from .events import CsvLogger, EventBus, RunEvent, StepEvent, peak_memory_mb
@@ -360,10 +361,8 @@ class Run:
                 "extra": state.state_dict() if state is not None else None,
                 "settings": json.dumps(s.to_dict("ours"), default=str)}
         path = self.state_path(phase)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
         self.events.emit(RunEvent("message", f"training state saved: {path}", path=str(path)))
         return path
 

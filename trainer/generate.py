@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import UserError
 from .models.bundle import ModelBundle
 from .models.sampling import cfg_denoiser, ddim_sample, euler_sample
@@ -113,7 +114,6 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[st
     imgs = generate(bundle, [p for p in prompts for _ in seeds], seeds * len(prompts), negative=negative,
                     steps=steps, cfg=cfg, size=size, sampler=sampler, clip_skip=clip_skip)
     image = imgs[0] if len(imgs) == 1 else grid(imgs, cols=num_images if len(prompts) > 1 else None)
-    tmp = output.with_name(f".{output.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        image.save(tmp, format="PNG")
     return output

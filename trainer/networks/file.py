@@ -15,14 +15,12 @@ JSON, tuples their Python text (``ss_resolution`` is ``"(512, 512)"``), as kohya
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import io
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -30,6 +28,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..atomic import atomic_path
 from .. import __version__
 from ..errors import UserError
 from .network import LoRANetwork
@@ -167,18 +166,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.P
     """Write via a temporary file in the same folder and an atomic rename: a crash never leaves a
     half-written file under ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would carry over to the LoRA; the name is unique per process and call.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:      # safetensors creates the file 0600; atomic_path gives the umask's mode
         safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 
