@@ -54,11 +54,11 @@ class Host:
     def native_size(self, checkpoint: str) -> Optional[tuple]:
         """(height, width) the form's model ("" = the embedded one) was trained at, from the file's header;
         None when it cannot be told without loading the model."""
-        from ..models.loader import DEFAULT_MODEL, read_config
-        path = Path(checkpoint or self.default_model or DEFAULT_MODEL)
-        try:
+        try:       # the model stack needs transformers; a host whose copy does not import gets no hint
+            from ..models.loader import DEFAULT_MODEL, read_config
+            path = Path(checkpoint or self.default_model or DEFAULT_MODEL)
             return tuple(read_config(path).native_size) if path.is_file() else None
-        except (UserError, OSError, ValueError):
+        except (ImportError, UserError, OSError, ValueError):
             return None
 
     def bundle_for(self, settings, device=None, log: Optional[Callable[[str], None]] = None):
