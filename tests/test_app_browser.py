@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app_server import ROOT, AppServer, make_root
+from app_server import ROOT, AppServer, make_root, tiny_job
 from trainer.world import toy
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -161,5 +161,84 @@ def test_train_queue_plot_and_restart_in_the_browser(browser, tmp_path):
         expect(row(page, "second")).to_have_count(0, timeout=10_000)
 
         page.close()
+    finally:
+        server.stop()
+
+
+def test_fresh_page_labels_model_size_and_empty_plot(browser, tmp_path):
+    """What a new user sees first: human labels with the settings key beside them (Ctrl-F finds it), an
+    image size that fits the default embedded model (64 px) with a note saying so, and a Plot tab that
+    says "no data yet" for a run that has not logged a step, not an empty frame with made-up axes."""
+    SHOTS.mkdir(exist_ok=True)
+    root = make_root(tmp_path / "ext")
+    early = root / "logs" / "20260101" / "early-20260101_000000.csv"    # a run stopped before its first step
+    early.parent.mkdir(parents=True)
+    early.write_text("step,loss,loss_ema,lr,elapsed_s\n")
+    server = AppServer(root).start()
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(server.url)
+        box = page.locator("#shinkansen-train_lr_scheduler_settings")
+        expect(box.locator("[data-testid='block-info']").first).to_have_text("LR scheduler settings",
+                                                                           timeout=30_000)
+        expect(box).to_contain_text("train_lr_scheduler_settings")           # the key, as TrainTrain names it
+        expect(page.get_by_text("train_lr_scheduler_settings", exact=False).first).to_be_visible()
+        expect(page.locator("#shinkansen-mode [data-testid='block-info']").first).to_have_text("Mode")
+
+        expect(field(page, "image_size")).to_have_value("64")
+        expect(page.locator("#shinkansen-native-size").first).to_contain_text("64×64")
+        page.screenshot(path=str(SHOTS / "train-tab-fresh.png"), full_page=True)
+
+        open_tab(page, "Plot")
+        expect(page.locator("#shinkansen-plot-info").first).to_contain_text("no data yet", timeout=30_000)
+        expect(page.locator("#shinkansen-plot-info").first).to_contain_text("early-20260101_000000")
+        assert page.locator("#shinkansen-plot img").count() == 0              # no empty frame
+        page.screenshot(path=str(SHOTS / "plot-tab-no-data.png"), full_page=True)
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_page_opened_during_a_run_shows_it_its_samples_and_its_lora(browser, tmp_path):
+    """A page opened while a job runs shows that job at once, from a page-load event outside gradio's
+    queue: here the queue's websocket is held back, as when the pollers of other pages occupy it, and the
+    old build-time "No job has run yet" stayed until the next poll. Samples drawn during the run appear
+    in the Train tab as they are written, and the finished LoRA is in the Samples tab's list with no
+    Refresh click."""
+    SHOTS.mkdir(exist_ok=True)
+    root = make_root(tmp_path / "ext")
+    images = tmp_path / "images"
+    toy.make_dataset(images, 8, seed=3, image_size=64)
+    server = AppServer(root).start()
+    try:
+        watcher = browser.new_page(viewport={"width": 1400, "height": 1100})     # open before the run
+        watcher.goto(server.url)
+        expect(watcher.locator("#shinkansen-progress").first).to_contain_text("No job has run yet", timeout=30_000)
+
+        job = tiny_job(images, "live", steps=40, sample_every_n_steps=10, sample_prompts=["a red circle"])
+        assert server.request("POST", "/jobs", {"settings": job, "front": True})[0] == 201
+        server.wait(lambda: server.request("GET", "/status")[1]["progress"]["step"] >= 2, timeout=240,
+                    what="the job to take steps", poll=0.3)
+
+        late = browser.new_page(viewport={"width": 1400, "height": 1100})
+        late.route_web_socket(re.compile(r".*/queue/join.*"), lambda ws: None)   # queued events never answer
+        late.goto(server.url)
+        box = late.locator("#shinkansen-progress .shinkansen-progress").first
+        expect(box).to_have_attribute("data-job", "1", timeout=20_000)
+        assert int(box.get_attribute("data-step")) >= 2
+        expect(late.locator("#shinkansen-progress").first).to_contain_text("#1 live")
+        late.close()
+
+        gallery = watcher.locator("#shinkansen-train-samples img")
+        server.wait(lambda: gallery.count() >= 1, timeout=240, what="a sample image in the Train tab")
+        watcher.screenshot(path=str(SHOTS / "train-tab-samples.png"), full_page=True)
+        server.wait(lambda: progress(watcher)[1] == "done", timeout=300, what="the run to finish", poll=1)
+        assert gallery.count() >= 2                                     # steps 10..60: one per sample_every
+        assert (root / "output" / "live.safetensors").is_file()
+
+        open_tab(watcher, "Samples")
+        watcher.locator("#shinkansen-sample-lora input").first.click()
+        expect(watcher.locator('ul.options li[data-value="live.safetensors"]')).to_have_count(1, timeout=10_000)
+        watcher.close()
     finally:
         server.stop()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
+import stat
 from types import SimpleNamespace
 
 import pytest
@@ -568,3 +570,16 @@ def test_inspect_reports_the_rank_of_every_algorithm(tiny, tmp_path, capsys, net
     ranks = report["ranks"]
     assert sum(ranks.values()) == report["modules"] > 0 and ranks.get("4", 0) > 0
     assert set(ranks) == ({"4", "full"} if network_type == "lokr" else {"4"})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_lora_has_the_umask_mode_so_others_can_read_it(tiny, tmp_path, umask):
+    """A LoRA in a shared WebUI folder must be readable by other tools and users: the mode a plain
+    ``open`` gives (0o666 less the umask), not the 0600 of the temporary file it is written through."""
+    old = os.umask(umask)
+    try:
+        path = save_lora(create_network(tiny, spec()), tmp_path / "shared.safetensors", dtype="fp32")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]     # no temporary file left

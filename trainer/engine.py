@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .atomic import atomic_path
 from . import __version__
 from .errors import UserError
 from .events import CsvLogger, EventBus, RunEvent, StepEvent, peak_memory_mb

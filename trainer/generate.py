@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_path
 from .errors import UserError
 from .models.bundle import ModelBundle
 from .models.sampling import cfg_denoiser, ddim_sample, euler_sample
@@ -153,7 +154,6 @@ def generate_to_file(*, prompts: Sequence[str], output: Path, loras: Sequence[st
                     steps=steps, cfg=cfg, size=size, sampler=sampler, clip_skip=clip_skip)
     image = imgs[0] if len(imgs) == 1 else grid(imgs, cols=num_images, row_labels=prompts,
                                                  col_labels=[f"seed {s}" for s in seeds])
-    tmp = output.with_name(f".{output.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        image.save(tmp, format="PNG")
     return output

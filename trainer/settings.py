@@ -52,11 +52,11 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .atomic import atomic_path
 from .errors import UserError
 from .optim import missing_optimizer_package
 
@@ -223,6 +223,12 @@ class Field:
         """The Python type of a validated value (``None`` also allowed for ``opt*`` kinds)."""
         return {"bool": bool, "int": int, "optint": int, "float": float, "optfloat": float, "size": tuple,
                 "blocks": tuple, "lines": tuple, "kwargs": dict}.get(self.kind, str)
+
+    @property
+    def label(self) -> str:
+        """What the form calls the field. The key (``name``) stays what files, ``--set`` and the API use,
+        and TrainTrain users know, so the form shows it beside this label."""
+        return LABELS.get(self.name) or _auto_label(self.name)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -545,6 +551,32 @@ _SCHED_ADVICE = {k: f"{v}. Supported: {', '.join(SCHEDULERS)}" for k, v in _SCHE
 _PREC_MAP = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 _INT8 = {"int8": "int8 weight quantisation is not supported; use auto, fp16 or bf16"}
 _NET_MAP = {"lora": "lierla", "locon": "c3lier", "lycoris_loha": "loha", "lycoris_lokr": "lokr"}
+
+
+# --------------------------------------------------------------------------- labels
+#: Human labels where spelling out the key (:func:`_auto_label`) does not read well.
+LABELS: dict[str, str] = {
+    "model_checkpoint": "Model", "model_vae": "VAE", "lora_data_directory": "Training images folder",
+    "save_lora_name": "LoRA file name", "network_rank": "Rank (dim)", "image_num_multiply": "Image repeats",
+    "sub_image_num": "Sub-images per image", "image_use_filename_as_tag": "Use file name as tag",
+    "image_disable_upscale": "Don't upscale small images", "use_gradient_checkpointing": "Gradient checkpointing",
+    "multires_noise_iterations": "Multi-resolution noise iterations",
+    "multires_noise_discount": "Multi-resolution noise discount", "model_v_pred": "v-prediction model",
+    "logging_save_csv": "Save loss CSV", "logging_verbose": "Verbose log", "save_overwrite": "Overwrite existing file",
+    "save_as_json": "Save settings as JSON", "diff_use_diff_mask": "Difference mask",
+}
+_LABEL_WORDS = {"lr": "LR", "lora": "LoRA", "vae": "VAE", "snr": "SNR", "dora": "DoRA", "csv": "CSV",
+                "json": "JSON", "textencoder": "text encoder", "num": "number of", "n": "N", "diff": "difference"}
+
+
+def _auto_label(name: str) -> str:
+    """``train_lr_scheduler_settings`` → "LR scheduler settings": TrainTrain's ``train_`` prefix dropped,
+    abbreviations spelled as users write them."""
+    parts = name.split("_")
+    if parts[0] == "train" and len(parts) > 1:
+        parts = parts[1:]
+    text = " ".join(_LABEL_WORDS.get(p.lower(), p) for p in parts)
+    return text[:1].upper() + text[1:]
 
 
 #: The schema, in UI order (required group first). Names are ours; ``traintrain`` is
@@ -921,6 +953,15 @@ class Settings:
             pass2 = self.second_pass
         return Settings(values, second_pass=pass2, warnings=self.warnings)
 
+    def fitted_to(self, native_size: tuple[int, int]) -> Settings:
+        """A copy sized for a model that draws at ``native_size``: the image size, and bucket step and
+        shortest bucket side no larger than it. The schema's defaults are SD1.5's 512 px; a form starting
+        on the 64 px embedded model must not offer values that cannot fit it."""
+        side = min(native_size)
+        return self.with_overrides(image_size=tuple(native_size),
+                                   image_buckets_step=min(self.image_buckets_step, side),
+                                   image_min_length=min(self.image_min_length, side))
+
     def apply_set_args(self, args: Iterable[str]) -> Settings:
         """Apply CLI ``--set key=value`` strings; keys may be ours, TrainTrain's, or
         ``second_pass.KEY`` / ``2nd pass.KEY`` for a 2nd-pass override."""
@@ -1082,20 +1123,7 @@ def _advice(s: Settings, prefix: str) -> list[str]:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON via a temp file in the same folder and an atomic rename."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the file; open(..., "x") honours the umask.
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=4, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(p) as tmp, open(tmp, "x", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=4, ensure_ascii=False)
+        fh.write("\n")
     return p

@@ -240,7 +240,7 @@ def register_api(app, queue: JobQueue, host, auth: Auth = None) -> APIRouter:
     router.add_api_route("/runs", _errors(runs), methods=["GET"], summary="loss CSVs in the logs folder")
 
     def schema() -> list:
-        return [{"name": f.name, "kind": f.kind, "default": f.to_json(f.default), "help": f.help,
+        return [{"name": f.name, "kind": f.kind, "default": f.to_json(f.default), "label": f.label, "help": f.help,
                  "modes": list(f.modes), "group": f.group, "second_pass": f.second_pass,
                  "choices": list(f.choices), "traintrain": f.traintrain} for f in FIELDS]
     router.add_api_route("/schema", _errors(schema), methods=["GET"], summary="every setting: type, default, help")

@@ -37,6 +37,16 @@ def poll(blocks: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, s
         blocks.load(fn, list(inputs), list(outputs), every=seconds, show_progress="hidden")
 
 
+def on_load(blocks: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
+    """Call ``fn`` once when a page opens, so it shows the state of that moment, not the state when the
+    tab was built (gradio sends build-time values with the page).
+
+    Outside the queue: the pollers of :func:`poll` hold it (3.x runs each ``every=`` event as an endless
+    job there; 4.x's Timer first ticks after its interval), and the page must not wait for them.
+    """
+    blocks.load(fn, list(inputs), list(outputs), queue=False, show_progress="hidden")
+
+
 def file_input(**kwargs: Any) -> gr.File:
     """A single-file upload whose value :func:`file_path` turns into a path in both versions."""
     return gr.File(type="filepath" if IS_GRADIO_4 else "file", **kwargs)

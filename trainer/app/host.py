@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
 from ..engine import ROOT
+from ..errors import UserError
 
 
 @dataclass
@@ -49,6 +50,16 @@ class Host:
 
     def vaes(self) -> list[str]:
         return ["None"] + _files(self.vae_dir, (".safetensors", ".pt", ".ckpt"))
+
+    def native_size(self, checkpoint: str) -> Optional[tuple]:
+        """(height, width) the form's model ("" = the embedded one) was trained at, from the file's header;
+        None when it cannot be told without loading the model."""
+        try:       # the model stack needs transformers; a host whose copy does not import gets no hint
+            from ..models.loader import DEFAULT_MODEL, read_config
+            path = Path(checkpoint or self.default_model or DEFAULT_MODEL)
+            return tuple(read_config(path).native_size) if path.is_file() else None
+        except (ImportError, UserError, OSError, ValueError):
+            return None
 
     def bundle_for(self, settings, device=None, log: Optional[Callable[[str], None]] = None):
         """``(bundle, model_info)`` to train on, or ``None`` to let the runner load the settings' file."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import atomic_path
 from ..errors import UserError
 
 
@@ -74,11 +75,21 @@ def read_loss_csv(path: Path) -> Series:
     return series
 
 
+def has_data(series: Sequence[Series]) -> bool:
+    """Whether any run has logged a step (a run's CSV exists, header only, until its first step)."""
+    return any(s.steps for s in series)
+
+
 def figure(series: Sequence[Series], title: str = ""):
     """One figure: each run's raw loss faint, its EMA solid, LR dashed on the right axis."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
+    if not has_data(series):     # empty axes would read as a plot of values around zero
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", fontsize=16, color="#666666")
+        ax.set_title(title or ", ".join(s.name for s in series))
+        return fig
     ax_lr = ax.twinx()
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for i, s in enumerate(series):
@@ -103,9 +114,8 @@ def figure(series: Sequence[Series], title: str = ""):
 def plot_files(paths: Sequence[Path], output: Path, title: str = "") -> Path:
     output = Path(output)
     fig = figure([read_loss_csv(p) for p in paths], title)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
     return output
 
 

@@ -21,10 +21,10 @@ import gradio as gr
 
 from . import compat
 from ..errors import UserError
-from .plot import figure, list_runs, read_loss_csv, run_in_logs
+from .plot import figure, has_data, list_runs, read_loss_csv, run_in_logs
 from ..presets import list_presets, load_preset, save_preset
 from ..settings import FIELDS, IMAGE_FIELDS, MODES, Field, Settings, second_pass_fields
-from .views import message_html, progress_html, queue_html
+from .views import message_html, native_size_html, progress_html, queue_html, sample_items
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ class Form:
         self.boxes: dict[str, Any] = {}      # what is shown/hidden per mode (a widget or its column)
         self.p2: dict[str, Any] = {}
         self.uploads: dict[str, Any] = {}
+        self.size_hint: Any = None           # the native-size note under image_size
 
     # -- building --------------------------------------------------------------------------
     def widget(self, f: Field, value: Any, prefix: str = "", visible: bool = True) -> Any:
-        label = f.name if not prefix else f"{f.name} (2nd pass)"
-        kw = dict(label=label, info=f.help, elem_id=f"shinkansen-{prefix}{f.name}", visible=visible)
+        label = f.label if not prefix else f"{f.label} (2nd pass)"
+        kw = dict(label=label, info=field_info(f), elem_id=f"shinkansen-{prefix}{f.name}", visible=visible)
         shown = self.to_widget(f, value)
         if f.name == "model_checkpoint":
             return gr.Dropdown(choices=self.model_choices(), value=shown, allow_custom_value=True, **kw)
@@ -70,7 +71,13 @@ class Form:
             with gr.Row():
                 for f in fields[i:i + 3]:
                     visible = mode in f.modes
-                    if f.name in IMAGE_FIELDS:       # a path box plus an upload that fills it
+                    if f.name == "image_size":       # the box plus what the selected model was trained at
+                        with gr.Column(visible=visible) as col:
+                            self.main[f.name] = self.widget(f, getattr(defaults, f.name))
+                            self.size_hint = gr.HTML(self.native_size_html(defaults.model_checkpoint),
+                                                     elem_id="shinkansen-native-size")
+                        self.boxes[f.name] = col
+                    elif f.name in IMAGE_FIELDS:       # a path box plus an upload that fills it
                         with gr.Column(visible=visible) as col:
                             self.main[f.name] = self.widget(f, getattr(defaults, f.name))
                             up = gr.Image(type="filepath", label=f"upload {f.name}",
@@ -90,6 +97,11 @@ class Form:
 
     def model_choices(self) -> list[str]:
         return [DEFAULT_MODEL] + [c for c in self.host.checkpoints() if c]
+
+    def native_size_html(self, checkpoint: str) -> str:
+        """The hint under the image size: the selected model's native resolution, when it can be told."""
+        size = self.host.native_size(checkpoint)
+        return native_size_html(size, Path(checkpoint).name if checkpoint else "the default model")
 
     # -- values ----------------------------------------------------------------------------
     @property
@@ -135,6 +147,20 @@ class Form:
     def visibility(self, mode: str) -> list:
         """Show only the chosen mode's fields; the 2nd-pass accordion only for Difference."""
         return [compat.update(visible=mode in f.modes) for f in FIELDS]
+
+
+def field_info(f: Field) -> str:
+    """The small text under a widget: the settings key first (what TrainTrain users, JSON files, ``--set``
+    and the API call it; findable with Ctrl-F), then the help."""
+    return f"{f.name} · {f.help}" if f.help else f.name
+
+
+def form_defaults(host) -> Settings:
+    """The form's starting values: the schema's, fitted to the default model's native size where the host
+    can tell it (the embedded model draws at 64 px; the schema's 512 px would not fit it)."""
+    defaults = Settings.from_dict({"model_checkpoint": host.default_model} if host.default_model else {})
+    native = host.native_size(defaults.model_checkpoint)
+    return defaults.fitted_to(native) if native else defaults
 
 
 # --------------------------------------------------------------------------- samples
@@ -198,7 +224,7 @@ def build_tab(host, queue=None) -> gr.Blocks:
     from .jobs import queue_for
     queue = queue or queue_for(host)
     form = Form(host)
-    defaults = Settings.from_dict({"model_checkpoint": host.default_model} if host.default_model else {})
+    defaults = form_defaults(host)
 
     with gr.Blocks(analytics_enabled=False, elem_id="shinkansen") as tab:
         with gr.Tabs(elem_id="shinkansen-tabs") as tabs:
@@ -208,9 +234,10 @@ def build_tab(host, queue=None) -> gr.Blocks:
                 qtab = _queue_tab(host, queue, form, tabs)
             with gr.Tab("Plot", id="plot", elem_id="shinkansen-tab-plot"):
                 _plot_tab(tab, host, queue)
-            with gr.Tab("Samples", id="samples", elem_id="shinkansen-tab-samples"):
-                _samples_tab(host, form)
-        _live(tab, queue, train, qtab)
+            with gr.Tab("Samples", id="samples", elem_id="shinkansen-tab-samples") as samples_tab:
+                loras = _samples_tab(host, form)
+        samples_tab.select(lambda: compat.update(choices=[""] + lora_files(host)), [], [loras])
+        _live(tab, queue, host, train, qtab, loras)
     return tab
 
 
@@ -232,8 +259,9 @@ def _train_tab(host, queue, form: Form, defaults: Settings) -> dict:
     optional = [f for f in FIELDS if f.group != "required"]
     with gr.Group():
         gr.Markdown("**Required parameters**")
-        form.main["mode"] = form.boxes["mode"] = gr.Radio(choices=list(MODES), value=defaults.mode, label="mode",
-                                                          info=mode_field.help, elem_id="shinkansen-mode")
+        form.main["mode"] = form.boxes["mode"] = gr.Radio(choices=list(MODES), value=defaults.mode,
+                                                          label=mode_field.label, info=field_info(mode_field),
+                                                          elem_id="shinkansen-mode")
         form.build_fields(required, defaults, defaults.mode)
     with gr.Accordion("Optional parameters", open=False, elem_id="shinkansen-optional"):
         form.build_fields(optional, defaults, defaults.mode)
@@ -250,12 +278,16 @@ def _train_tab(host, queue, form: Form, defaults: Settings) -> dict:
         ui["stop_all"] = gr.Button("Stop all", variant="stop", elem_id="shinkansen-stop-all")
     ui["message"] = gr.HTML(elem_id="shinkansen-message")
     ui["progress"] = gr.HTML(progress_html(queue.progress.snapshot()), elem_id="shinkansen-progress")
+    ui["samples"] = gr.Gallery(label="Samples drawn during training (sample_every_n_steps; newest first)",
+                               visible=False, columns=4, height=260, elem_id="shinkansen-train-samples")
 
     inputs, msg = form.inputs, ui["message"]
     boxes = [form.boxes[f.name] for f in FIELDS]
 
     form.main["mode"].change(lambda m: form.visibility(m) + [compat.update(visible=m == "Difference")],
                              [form.main["mode"]], boxes + [p2_box])
+    form.main["model_checkpoint"].change(lambda c: form.native_size_html("" if c == DEFAULT_MODEL else c or ""),
+                                         [form.main["model_checkpoint"]], [form.size_hint])
 
     def fill(load):
         def handler(*args):
@@ -389,20 +421,31 @@ def _job_choices(jobs) -> list[str]:
     return [f"#{j.id} {j.name}" for j in jobs]
 
 
-def _live(tab, queue, train: dict, qtab: dict) -> None:
-    """Progress panel, queue table and job picker, refreshed every POLL_S with no user action."""
-    seen = gr.State(None)
+def _live(tab, queue, host, train: dict, qtab: dict, loras) -> None:
+    """Progress panels, queue table, job picker, the run's samples and the Samples tab's LoRA list: filled
+    when a page opens (the state of that moment, not of the build) and refreshed every POLL_S with no
+    user action. Lists are sent only when they changed; the LoRA folder is listed again only when a
+    job has written files."""
+    seen = gr.State(None)      # what this page shows: (job choices, sample paths, (job id, files saved))
 
     def refresh(last):
+        shown_choices, shown_samples, shown_saved = last or (None, None, None)
         jobs = queue.list()
+        p = queue.progress.snapshot()
         pending = sum(j.state == "pending" for j in jobs)
         choices = _job_choices(jobs)
-        picker = compat.no_change() if choices == last else compat.update(choices=choices)
-        panel = progress_html(queue.progress.snapshot(), queue.paused, pending)
-        return panel, panel, queue_html(jobs, queue.paused), picker, choices
+        saved = (p.job_id, len(p.saved))
+        picker = compat.no_change() if choices == shown_choices else compat.update(choices=choices)
+        gallery = (compat.no_change() if p.samples == shown_samples
+                   else compat.update(value=sample_items(p.samples), visible=bool(p.samples)))
+        lora_list = compat.no_change() if saved == shown_saved else compat.update(choices=[""] + lora_files(host))
+        panel = progress_html(p, queue.paused, pending)
+        return (panel, panel, queue_html(jobs, queue.paused), picker, gallery, lora_list,
+                (choices, p.samples, saved))
 
-    compat.poll(tab, refresh, [seen], [train["progress"], qtab["progress"], qtab["table"], qtab["select"], seen],
-                POLL_S)
+    outputs = [train["progress"], qtab["progress"], qtab["table"], qtab["select"], train["samples"], loras, seen]
+    compat.on_load(tab, lambda: refresh(None), [], outputs)
+    compat.poll(tab, refresh, [seen], outputs, POLL_S)
 
 
 def _run_choices(host) -> list[str]:
@@ -442,8 +485,11 @@ def _plot_tab(tab, host, queue) -> None:
         if not force and stamp == sig:
             return compat.no_change(), compat.no_change(), sig
         if not paths:
-            return None, message_html("no runs in the logs folder yet"), stamp
+            return None, message_html("no data yet: no runs in the logs folder"), stamp
         series = [read_loss_csv(p) for p in paths]
+        if not has_data(series):
+            names = ", ".join(s.name for s in series)
+            return None, message_html(f"no data yet: {names} has not logged a step so far"), stamp
         text = " · ".join(f'<span class="shinkansen-run" data-steps="{len(s.steps)}">{s.name}: {len(s.steps)} steps'
                           f'{f", last loss {s.loss[-1]:.4f}" if s.loss else ""}</span>' for s in series)
         return figure(series), text, stamp
@@ -465,7 +511,8 @@ def _plot_tab(tab, host, queue) -> None:
     export.click(to_png, [runs], [png])
 
 
-def _samples_tab(host, form: Form) -> None:
+def _samples_tab(host, form: Form):
+    """The Samples tab; returns its LoRA picker, which the tab's select, page load and the poll refresh."""
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="prompt", lines=2, elem_id="shinkansen-sample-prompt",
@@ -498,3 +545,4 @@ def _samples_tab(host, form: Form) -> None:
             return compat.no_change(), message_html(f"internal error: {type(e).__name__}: {e}", ok=False)
         return img, message_html(f"model: {s.model_checkpoint or 'default'}" + (f", LoRA {l} at {w}" if l else ""))
     go.click(run, [prompt, negative, lora, weight, seed, steps, size] + form.inputs, [image, msg])
+    return lora

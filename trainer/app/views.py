@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from html import escape
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..events import _fmt_time
@@ -66,3 +67,17 @@ def message_html(text: str, ok: bool = True) -> str:
     """A one-line status under the buttons (errors in red, never a traceback)."""
     cls = "shinkansen-ok" if ok else "shinkansen-error"
     return f'<div class="{cls}">{escape(text)}</div>'
+
+
+def native_size_html(size: Optional[tuple], model: str) -> str:
+    """The note under the image size: what the selected model was trained at ("" when unknown)."""
+    if not size:
+        return ""
+    return (f'<div class="shinkansen-hint" data-native="{size[0]}x{size[1]}">{escape(model)} was trained at '
+            f"{size[0]}×{size[1]} px: train at or near that size</div>")
+
+
+def sample_items(paths: Sequence[str], limit: int = 8) -> list[tuple[str, str]]:
+    """The gallery's (image, caption) pairs: the run's newest samples first, captioned by file name
+    (``step000040_0`` = step 40, prompt 0)."""
+    return [(p, Path(p).stem) for p in reversed(list(paths)[-limit:])]

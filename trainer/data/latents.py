@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path
 from .buckets import Size
 from .discover import Placement, file_sha256, load_pixels
 
@@ -108,13 +109,8 @@ def _save_cached(path: Path, p: Placement, file_hash: str, vae_id: str, mean: to
         tensors["mask"] = mask.contiguous()
     meta = {"format": CACHE_VERSION, "source": p.record.rel, "file_sha256": file_hash,
             "bucket": f"{p.bucket[0]}x{p.bucket[1]}", "flip": str(int(p.flip)), "vae": vae_id}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _placement_key(p: Placement) -> tuple:

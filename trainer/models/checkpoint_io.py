@@ -19,6 +19,7 @@ from typing import Iterable, Union
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -180,14 +181,5 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
                             metadata: dict[str, str] | None = None) -> None:
     """Write through a temporary file in the same folder and rename, so no half file is ever visible."""
     from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # a normal file, not the private mode of a temp file
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -94,14 +94,11 @@ def load_tokenizer(config: ModelConfig, override: Optional[str] = None) -> ClipT
     return ClipTokenizer.from_pretrained(name)
 
 
-def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction_type: Optional[str] = None,
-               tokenizer: Optional[str] = None, device=None, dtype: torch.dtype = torch.float32,
-               log: Optional[Log] = None) -> ModelBundle:
-    """A checkpoint file → ModelBundle on ``device`` in ``dtype`` (frozen, eval mode)."""
+def read_config(path: str | Path, prediction_type: Optional[str] = None, shapes: Optional[dict] = None) -> ModelConfig:
+    """The checkpoint's config from its header and the ``NAME.yaml`` beside it: no weights read, so the
+    form can ask a model's native size without loading it."""
     path = Path(path)
-    device = resolve_device(device)
-    shapes = shapes_of(path)
-    config = config_from_shapes(shapes, str(path))
+    config = config_from_shapes(shapes if shapes is not None else shapes_of(path), str(path))
     yaml_path = path.with_suffix(".yaml")
     if yaml_path.is_file():
         config = apply_yaml(config, yaml_path)
@@ -109,6 +106,17 @@ def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction
         config.prediction_type = prediction_type
     if config.family == "sd2" and config.prediction_type == "v_prediction" and not yaml_path.is_file():
         config.native_size = (768, 768)
+    return config
+
+
+def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction_type: Optional[str] = None,
+               tokenizer: Optional[str] = None, device=None, dtype: torch.dtype = torch.float32,
+               log: Optional[Log] = None) -> ModelBundle:
+    """A checkpoint file → ModelBundle on ``device`` in ``dtype`` (frozen, eval mode)."""
+    path = Path(path)
+    device = resolve_device(device)
+    shapes = shapes_of(path)
+    config = read_config(path, prediction_type, shapes)
     tok = load_tokenizer(config, tokenizer)   # before the heavy part: a missing tokenizer fails fast
 
     state = load_state_dict(path)

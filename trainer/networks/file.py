@@ -15,14 +15,12 @@ JSON, tuples their Python text (``ss_resolution`` is ``"(512, 512)"``), as kohya
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import io
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -30,6 +28,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..atomic import atomic_path
 from .. import __version__
 from ..errors import UserError
 from .network import LoRANetwork
@@ -170,19 +169,8 @@ def write_file_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
     half-written file under ``path``. Python's own writes, so a full disk is an ``OSError`` with its errno
     (safetensors' and torch's writers report it as their own exception types, without one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would carry over to the file; the name is unique per process and call.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
     return path
 
 

@@ -105,6 +105,14 @@ class WebUIHost(Host):
         sd_vae = _optional("sd_vae")
         return ["None"] + sorted({str(p) for p in (getattr(sd_vae, "vae_dict", {}) or {}).values()})
 
+    def native_size(self, checkpoint: str) -> Optional[tuple]:
+        """"" is the loaded model, whose size the user knows: no claim (and no model load) for it."""
+        try:
+            path = self._resolve(checkpoint)
+        except UserError:
+            return None
+        return super().native_size(str(path)) if path else None
+
     # ------------------------------------------------------------------ the loaded model
     @staticmethod
     def loaded_model(load: bool = True):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from ..atomic import atomic_path
 from . import toy
 
 try:  # optional: fast labelling; the numpy fallback gives identical components
@@ -317,11 +318,8 @@ def save_classifier(state: Mapping[str, torch.Tensor], path: Path = WEIGHTS_PATH
         offset += len(data)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -28,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from . import toy
 from ..models.bundle import ModelBundle
 from ..models.schedule import NoiseSchedule
@@ -137,9 +137,8 @@ class Pretrainer:
                  "scale_factor": self.scale_factor, "history": json.dumps(self.history)}
         if self.opt is not None:
             state.update(opt=self.opt.state_dict(), ema_unet=self.ema_unet.state_dict(), ema_te=self.ema_te.state_dict())
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        with atomic_path(self.state_path) as tmp:
+            torch.save(state, tmp)
 
     def load_state(self, extend: bool = False) -> None:
         """Restore a checkpoint. ``extend`` lets a finished or running UNet phase continue to a larger
@@ -211,9 +210,8 @@ class Pretrainer:
         data = {"mean": mean, "std": torch.cat(stds),
                 "labels": {k: torch.tensor([toy.ATTRIBUTES[k].index(v) for v in vs]) for k, vs in labels.items()},
                 "scale_factor": torch.tensor(1.0 / float(mean.std()))}
-        tmp = path.with_suffix(".tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
         self.vae.train()
         return data
 

@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_path
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -244,9 +246,8 @@ def sample_world(rng: np.random.Generator, image_size: int = REFERENCE_SIZE, dro
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def make_dataset(folder: os.PathLike | str, n: int, seed: int, *, caption: str | None = None,
