@@ -119,7 +119,7 @@ def pinned_installed(wanted: list[str]) -> Iterator[str]:
         os.unlink(path)
 
 
-def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str) -> list[str]:
+def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str | None) -> list[str]:
     """``pip(spec, constraints_file)`` for each spec; returns the names that could not be installed.
 
     What was installed before we started is pinned, so pip never up- or downgrades it: where a
@@ -138,8 +138,33 @@ def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"[shinkansen] could not install {spec}: {first} (installed packages are pinned, so pip "
                       "stops where this one would need another version of one; pip's message above names it)")
-    if failed:
+    if failed and hint:
         print(f"[shinkansen] not installed: {', '.join(failed)}; {hint}")
+    return failed
+
+
+def install_replacing(specs: list[str], pip: Callable[[str, str], object]) -> list[str]:
+    """Standalone only: install ``specs`` that could not go in beside the installed versions, letting pip
+    change what they need, and name every package it replaced (gradio 3.41 needs MarkupSafe 2.x, so a
+    MarkupSafe 3 is downgraded). The WebUI's install never comes here: its packages are never changed."""
+    failed, before = [], installed_distributions()
+    fd, path = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(constraints_text({}, specs))
+        for spec in specs:
+            try:
+                pip(spec, path)
+            except Exception:  # noqa: BLE001 - pip printed why
+                failed.append(_name(spec))
+    finally:
+        os.unlink(path)
+    after = installed_distributions()
+    for name in sorted(before):
+        if name in after and after[name] != before[name]:
+            print(f"[shinkansen] replaced {name} {before[name]} -> {after[name]} (needed by {', '.join(specs)})")
+    if failed:
+        print(f"[shinkansen] not installed: {', '.join(failed)}; install them yourself (python -m pip install NAME)")
     return failed
 
 
@@ -192,8 +217,9 @@ def install_standalone(with_tests: bool) -> int:
     todo.sort(key=lambda spec: _canonical(_name(spec)) != "torch")
     if todo:
         print(f"[shinkansen] installing: {' '.join(todo)}")
-    failed = install_each(todo, standalone_pip, "to let pip change an installed package for them, install them "
-                                                "yourself (python -m pip install NAME) or use a fresh virtualenv")
+    failed = install_each(todo, standalone_pip, None)
+    if failed:
+        failed = install_replacing([spec for spec in todo if _name(spec) in failed], standalone_pip)
     if with_tests:
         setup_tf430_env()
         setup_gradio4_env()
