@@ -1,4 +1,4 @@
-"""Install what Shinkansen needs, in the WebUI or standalone, without ever replacing a package.
+"""Install what Shinkansen needs: in the WebUI never replacing a package, standalone saying each replacement.
 
 Inside AUTOMATIC1111 this file is run by the WebUI at every launch (``import launch``
 works there): it installs only missing packages through ``launch.run_pip``, with every
@@ -9,8 +9,9 @@ pinned (torch, transformers, gradio, safetensors, ...) is ever up- or downgraded
 Standalone (``python install.py``) it installs what is missing from ``requirements.txt``
 the same way: a package that is already installed is kept even if its version differs (a
 warning says so), and every installed package is pinned while the missing ones are installed,
-so pip cannot replace one as a dependency either (gradio 3.41 would downgrade MarkupSafe 3
-to 2.1): it stops instead, and the package that could not be added is named at the end.
+so pip cannot replace one as a dependency either. Where a missing package cannot go in that
+way (gradio 3.41 needs MarkupSafe 2.x), it is installed a second time without those pins and
+every package pip replaced for it is named in one line, so nothing changes unsaid.
 Torch, when missing, is installed first, at the version the project is tested with.
 ``--test`` adds the test requirements and the transformers 4.30.2 side environment that
 checks the text encoders under the WebUI's transformers.
