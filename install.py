@@ -109,12 +109,12 @@ def constraints_text(installed: dict[str, str], wanted: list[str] = ()) -> str:
 
 
 @contextlib.contextmanager
-def pinned_installed(wanted: list[str]) -> Iterator[str]:
-    """A pip constraints file pinning every package installed right now (deleted afterwards)."""
+def constraints_file(installed: dict[str, str], wanted: list[str]) -> Iterator[str]:
+    """A pip constraints file of :func:`constraints_text` (deleted afterwards)."""
     fd, path = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(constraints_text(installed_distributions(), wanted))
+            f.write(constraints_text(installed, wanted))
         yield path
     finally:
         os.unlink(path)
@@ -130,7 +130,7 @@ def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str 
     failed = []
     if not specs:
         return failed
-    with pinned_installed(specs) as constraints:
+    with constraints_file(installed_distributions(), specs) as constraints:
         for spec in specs:
             try:
                 pip(spec, constraints)
@@ -149,17 +149,12 @@ def install_replacing(specs: list[str], pip: Callable[[str, str], object]) -> li
     change what they need, and name every package it replaced (gradio 3.41 needs MarkupSafe 2.x, so a
     MarkupSafe 3 is downgraded). The WebUI's install never comes here: its packages are never changed."""
     failed, before = [], installed_distributions()
-    fd, path = tempfile.mkstemp(prefix="shinkansen-constraints-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(constraints_text({}, specs))
+    with constraints_file({}, specs) as constraints:     # only our own pins: installed packages may change
         for spec in specs:
             try:
-                pip(spec, path)
+                pip(spec, constraints)
             except Exception:  # noqa: BLE001 - pip printed why
                 failed.append(_name(spec))
-    finally:
-        os.unlink(path)
     after = installed_distributions()
     for name in sorted(before):
         if name in after and after[name] != before[name]:
