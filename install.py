@@ -10,8 +10,9 @@ Standalone (``python install.py``) it installs what is missing from ``requiremen
 the same way: a package that is already installed is kept even if its version differs (a
 warning says so), and every installed package is pinned while the missing ones are installed,
 so pip cannot replace one as a dependency either. Where a missing package cannot go in that
-way (gradio 3.41 needs MarkupSafe 2.x), it is installed a second time without those pins and
-every package pip replaced for it is named in one line, so nothing changes unsaid.
+way (gradio 3.41 needs MarkupSafe 2.x), it is installed a second time without those pins (torch
+and what our installed packages declare they need still hold) and every package pip replaced
+for it is named in one line, so nothing changes unsaid.
 Torch, when missing, is installed first, at the version the project is tested with.
 ``--test`` adds the test requirements and the transformers 4.30.2 side environment that
 checks the text encoders under the WebUI's transformers.
@@ -144,12 +145,43 @@ def install_each(specs: list[str], pip: Callable[[str, str], object], hint: str 
     return failed
 
 
-def install_replacing(specs: list[str], pip: Callable[[str, str], object]) -> list[str]:
+def declared_needs(names: list[str]) -> list[str]:
+    """What the installed packages ``names`` declare they need (``huggingface-hub<2.0,>=1.5.0`` for
+    transformers 5.17), as constraint lines: pip's installer never re-checks an installed package's needs
+    when it changes that package's dependency for a new one, so without these a replacement can break
+    a package of ours (diffusers pulled huggingface-hub 2.5, which transformers cannot import)."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        return []
+    lines = []
+    for name in names:
+        try:
+            declared = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in declared:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue      # an optional extra or another platform's need
+            if req.specifier and not req.url:
+                lines.append(f"{req.name}{req.specifier}")
+    return lines
+
+
+def install_replacing(specs: list[str], pip: Callable[[str, str], object], keep: list[str] = ()) -> list[str]:
     """Standalone only: install ``specs`` that could not go in beside the installed versions, letting pip
     change what they need, and name every package it replaced (gradio 3.41 needs MarkupSafe 2.x, so a
-    MarkupSafe 3 is downgraded). The WebUI's install never comes here: its packages are never changed."""
+    MarkupSafe 3 is downgraded). ``keep`` names our installed requirements: torch stays at its version and
+    what each of them declares it needs stays true, so a replacement cannot break our own stack.
+    The WebUI's install never comes here: its packages are never changed."""
     failed, before = [], installed_distributions()
-    with constraints_file({}, specs) as constraints:     # only our own pins: installed packages may change
+    kept = [f"{name}=={before[_canonical(name)]}" for name in keep
+            if _canonical(name) == "torch" and _canonical(name) in before]
+    with constraints_file({}, specs + kept + declared_needs(keep)) as constraints:
         for spec in specs:
             try:
                 pip(spec, constraints)
@@ -215,7 +247,8 @@ def install_standalone(with_tests: bool) -> int:
         print(f"[shinkansen] installing: {' '.join(todo)}")
     failed = install_each(todo, standalone_pip, None)
     if failed:
-        failed = install_replacing([spec for spec in todo if _name(spec) in failed], standalone_pip)
+        keep = [_name(spec) for spec in specs if _name(spec) not in failed and installed_version(_name(spec))]
+        failed = install_replacing([spec for spec in todo if _name(spec) in failed], standalone_pip, keep)
     if with_tests:
         setup_tf430_env()
         setup_gradio4_env()

@@ -193,3 +193,40 @@ def test_standalone_names_every_installed_package_it_replaces(install, monkeypat
         assert out.count("[shinkansen] replaced") == 1
     else:
         assert (installed["gradio"], installed["markupsafe"], code) == ("3.41.2", "2.1.5", 0)
+
+
+class HubPip(FakePip):
+    """The registry of December 2026: diffusers 0.42 allows huggingface-hub 2.x, transformers 5.17 does not."""
+
+    INDEX = {**FakePip.INDEX,
+             "diffusers": {"0.42.1": ["huggingface-hub>=1.32,<3"]},
+             "huggingface-hub": {"1.21.0": [], "1.33.0": [], "2.5.0": []},
+             "transformers": {"5.17.0": ["huggingface-hub>=1.5,<2"]}}
+
+
+def test_a_replacement_keeps_what_our_installed_packages_need(install, monkeypatch, capsys):
+    """A clean CI machine had huggingface-hub 1.21 beside transformers 5.17; the replacing pass for
+    gradio/fastapi/diffusers let pip take huggingface-hub 2.5, and transformers no longer imported.
+    What our installed requirements declare they need is now a constraint of that pass."""
+    wanted = {install._canonical(install._name(s)) for f in ("requirements.txt", "requirements-test.txt")
+              for s in install.read_requirements(ROOT / f)}
+    installed = {name: "1.0" for name in wanted - {"gradio", "fastapi", "torch", "diffusers", "transformers"}}
+    installed.update({"torch": "2.13.0", "transformers": "5.17.0", "huggingface-hub": "1.21.0", "markupsafe": "3.0.4"})
+    pip = HubPip(installed)
+    monkeypatch.setattr(install, "installed_distributions", lambda: dict(installed))
+    monkeypatch.setattr(install, "installed_version", installed.get)
+    monkeypatch.setattr(install, "declared_needs", lambda names: [
+        dep for name in names for dep in HubPip.INDEX.get(install._canonical(name), {}).get(installed.get(
+            install._canonical(name)), [])])
+    monkeypatch.setattr(install.subprocess, "check_call", pip)
+    monkeypatch.setattr(install, "setup_tf430_env", lambda: None)
+    monkeypatch.setattr(install, "setup_gradio4_env", lambda: None)
+
+    assert install.install_standalone(with_tests=True) == 0
+    assert (installed["diffusers"], installed["huggingface-hub"], installed["gradio"]) == ("0.42.1", "1.33.0", "3.41.2")
+    assert "replaced huggingface-hub 1.21.0 -> 1.33.0" in capsys.readouterr().out
+
+
+def test_declared_needs_reads_real_package_metadata(install):
+    needs = install.declared_needs(["transformers", "not-a-package-at-all"])
+    assert any(Requirement(line).name.lower() == "huggingface-hub" and Requirement(line).specifier for line in needs)
