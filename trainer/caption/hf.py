@@ -103,10 +103,7 @@ class FlorenceCaptioner(_Generator):
         with torch.inference_mode():
             out = self.model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_length,
                                       min_new_tokens=self.min_length, do_sample=False)
-        texts = self.processor.batch_decode(out, skip_special_tokens=False)
-        result = []
-        for text, im in zip(texts, images):
-            parsed = self.processor.post_process_generation(text, task=self.task, image_size=im.size)[self.task]
-            parsed = " ".join(str(parsed).replace("<pad>", "").split())
-            result.append([parsed] if parsed else [])
-        return result
+        # The caption tasks' answer is the decoded text without special tokens (what the processor's
+        # post_process_generation does for "pure_text" tasks, without needing its parser configuration).
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [[" ".join(t.split())] if t.strip() else [] for t in texts]
