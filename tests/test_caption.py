@@ -105,6 +105,20 @@ def test_missing_weights_and_bad_input_are_one_line_exit_2(tmp_path, wd14):
     assert _read(data / "mine.txt") == "my own words, red theme"
 
 
+def test_default_weights_come_from_the_hugging_face_cache(tmp_path, wd14):
+    """No --model: the default repository's snapshot in the user's cache (laid out as huggingface_hub does)."""
+    import shutil
+    data = _images(tmp_path / "data")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--SmilingWolf--wd-v1-4-convnext-tagger-v2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(wd14, repo / "snapshots" / commit)
+    r = _cli(data, "--threshold", "0.8", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert r.returncode == 0, r.stderr
+    assert _read(data / "red.txt") == "red theme"
+
+
 def test_wd14_ratings_order_underscores_and_preprocessing(tmp_path, wd14):
     data = tmp_path / "d"
     data.mkdir()

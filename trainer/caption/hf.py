@@ -39,6 +39,14 @@ def _load(label: str, folder: Path, load):
         raise UserError(f"{folder}: cannot load the {label} model or its processor ({line[:200]})") from None
 
 
+def check_florence2() -> None:
+    """Florence-2 is native in transformers only from 4.56 on (the WebUI pins 4.30.2)."""
+    import transformers
+    if not hasattr(transformers, "Florence2ForConditionalGeneration"):
+        raise UserError(f"Florence-2 needs transformers 4.56 or newer (this is {transformers.__version__}): "
+                        "pip install -U transformers, or caption with --kind blip or wd14")
+
+
 class _Generator:
     """What BLIP and Florence-2 share: a processor, a generating model, beam search settings."""
 
@@ -86,10 +94,7 @@ class FlorenceCaptioner(_Generator):
         if task not in FLORENCE_TASKS:
             raise UserError(f"--task {task!r}: choose one of {', '.join(FLORENCE_TASKS)}")
         self.task = FLORENCE_TASKS[task]
-        import transformers
-        if not hasattr(transformers, "Florence2ForConditionalGeneration"):
-            raise UserError(f"Florence-2 needs transformers 4.56 or newer (this is {transformers.__version__}): "
-                            "pip install -U transformers, or caption with --kind blip or wd14")
+        check_florence2()
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
         self.processor = _load(self.label, folder, lambda: AutoProcessor.from_pretrained(folder))
         self.model = _load(self.label, folder, lambda: Florence2ForConditionalGeneration.from_pretrained(
