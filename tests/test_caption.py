@@ -132,10 +132,28 @@ def test_wd14_ratings_order_underscores_and_preprocessing(tmp_path, wd14):
     assert _read(data / "r.txt") == "sensitive, hatsune_miku, red_theme"
     run_all(data, CaptionOptions(model=str(wd14), threshold=0.7, rating="last", mode="overwrite"))
     assert _read(data / "b.txt") == "blue theme, no humans, kirby (series), general"
+    (data / "sub").mkdir()
+    (data / ".hidden").mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(data / "sub" / "s.png")
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(data / ".hidden" / "h.png")
+    assert run_all(data, CaptionOptions(model=str(wd14))).line() == "written 0, kept 2, failed 0"
+    assert run_all(data, CaptionOptions(model=str(wd14), recursive=True, threshold=0.8)).line() == \
+        "written 1, kept 2, failed 0"                                   # subfolders on request; hidden ones never
+    assert _read(data / "sub" / "s.txt") == "red theme" and not (data / ".hidden" / "h.txt").exists()
     # the tagger's input: square, white padding, BGR, 0..255 float32 at the model's size
     x = preprocess(Image.new("RGB", (40, 20), (255, 0, 0)), 448)
     assert x.shape == (448, 448, 3) and x.dtype.name == "float32"
     assert tuple(x[224, 224]) == (0.0, 0.0, 255.0) and tuple(x[5, 224]) == (255.0, 255.0, 255.0)
+
+
+def test_panel_handler_reports_bad_input_in_one_line(tmp_path):
+    from trainer.app.caption_panel import run_panel
+    from trainer.app.host import Host
+    for folder, words in (("", "folder: enter the folder"), (str(tmp_path / "nope"), "folder not found")):
+        progress, _ = list(run_panel(Host(root=tmp_path), folder, "wd14", "", 0.35, 0.35, "", "",
+                                     "keep existing captions", ".txt", False, 1, "none", False, False,
+                                     "more_detailed"))[-1]
+        assert 'data-phase="failed"' in progress and words in progress and "Traceback" not in progress
 
 
 def test_compose_rules():
