@@ -99,10 +99,18 @@ def test_missing_weights_and_bad_input_are_one_line_exit_2(tmp_path, wd14):
                         ([data, "--model", wd14, "--threshold", "1.5"], "between 0 and 1"),
                         ([data, "--model", tmp_path / "no-model-here"], "not found"),
                         ([data, "--kind", "blip", "--model", wd14], "not a BLIP model folder"),
-                        ([data, "--model", wd14, "--caption-extension", ".png"], "extension")):
+                        ([data, "--model", wd14, "--caption-extension", ".png"], "extension"),
+                        ([data, "--kind", "blip", "--model", _config_only(tmp_path), "--device", "gpu0"],
+                         "not a device name")):
         r = _cli(*args, env=offline)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, (args, r.stderr)
     assert _read(data / "mine.txt") == "my own words, red theme"
+
+
+def _config_only(tmp_path: Path) -> Path:
+    (tmp_path / "blip-like").mkdir(exist_ok=True)
+    (tmp_path / "blip-like" / "config.json").write_text("{}")
+    return tmp_path / "blip-like"
 
 
 def test_default_weights_come_from_the_hugging_face_cache(tmp_path, wd14):

@@ -19,7 +19,7 @@ FLORENCE_TASKS = {"caption": "<CAPTION>", "detailed": "<DETAILED_CAPTION>",
                   "more_detailed": "<MORE_DETAILED_CAPTION>"}
 
 
-def _device(device: Optional[str]):
+def pick_device(device: Optional[str]):
     import torch
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -54,7 +54,7 @@ class _Generator:
     label = ""
 
     def __init__(self, device: Optional[str], num_beams: int, max_length: int, min_length: int):
-        self.device, self.dtype = _device(device)
+        self.device, self.dtype = pick_device(device)
         self.num_beams, self.max_length, self.min_length = int(num_beams), int(max_length), int(min_length)
 
     def close(self) -> None:

@@ -113,7 +113,8 @@ def open_builtin(options: CaptionOptions, log: Callable[[str], None]) -> Callabl
         return lambda: WD14Tagger(folder, options.threshold, options.character_threshold, options.rating,
                                   options.character_first, options.underscores_to_spaces, options.device)
     max_length = options.max_length or DEFAULT_MAX_LENGTH[options.kind]
-    from .hf import BlipCaptioner, FlorenceCaptioner, check_florence2
+    from .hf import BlipCaptioner, FlorenceCaptioner, check_florence2, pick_device
+    pick_device(options.device)          # a device this machine lacks: refused before any progress
     if options.kind == "florence2":
         check_florence2()
     if options.kind == "blip":
