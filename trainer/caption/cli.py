@@ -7,13 +7,11 @@ command line needs only the script name changed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, TextIO
 
-from ..errors import UserError
 from .run import BUILTIN_KINDS, CaptionOptions, Progress, Summary, caption_folder
 from .weights import KINDS
 from .wd14 import RATING_PLACES

@@ -9,14 +9,11 @@ loading to the end, so no generation or training job shares the GPU with it.
 """
 from __future__ import annotations
 
-import logging
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 from modules import call_queue, shared
 
 from ..caption.tags import split_tags
-
-log = logging.getLogger(__name__)
 
 
 def _optional(name: str):
