@@ -90,14 +90,15 @@ def resolve(kind_name: str, model: Optional[str] = None, log: Callable[[str], No
         pass                  # an incomplete snapshot in the cache: fetch the rest below
     except Exception:         # noqa: BLE001 - not in the cache (huggingface_hub's error types vary by version)
         pass
+    where = f"no folder {model} here, and " if model else ""
     if _offline():
-        raise UserError(f"{kind.label} weights for {repo} are not in the Hugging Face cache and HF_HUB_OFFLINE "
+        raise UserError(f"{kind.label} weights: {where}{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE "
                         f"is set: {how_to_get(kind, repo)}")
     log(f"downloading {kind.label} weights from {repo} into the Hugging Face cache")
     try:
         folder = Path(snapshot_download(repo, allow_patterns=list(kind.patterns)))
     except Exception as e:    # noqa: BLE001 - network, auth, unknown repo: all are the user's to fix
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{kind.label} weights for {repo} could not be downloaded ({reason[:160]}): "
+        raise UserError(f"{kind.label} weights: {where}{repo} could not be downloaded ({reason[:160]}): "
                         f"{how_to_get(kind, repo)}") from None
     return _check_folder(folder, kind)
