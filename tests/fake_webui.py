@@ -263,10 +263,68 @@ def make_modules(tmp: Path, sd_model=None, ext_dir: Path | None = None) -> dict:
             "modules.sd_vae": sd_vae, "modules.prompt_parser": prompt_parser, "modules.sd_hijack": sd_hijack,
             "modules.sd_unet": sd_unet, "modules.devices": devices, "modules.paths": paths,
             "modules.scripts": scripts, "modules.call_queue": call_queue}
+    mods.update(_interrogators(shared, call_queue.queue_lock))
     package = _module("modules", __path__=[])
     for full, mod in mods.items():
         setattr(package, full.split(".", 1)[1], mod)
     return {"modules": package, **mods, "networks": networks}
+
+
+# ---------------------------------------------------------------------- interrogators (modules.interrogate/deepbooru)
+
+def _colour(image) -> str:
+    """What the fake interrogators "see": the name of the image's centre colour."""
+    r, g, b = image.getpixel((image.width // 2, image.height // 2))[:3]
+    return {(255, 0, 0): "red", (0, 0, 255): "blue", (0, 255, 0): "green"}.get((r, g, b), "grey")
+
+
+class FakeInterrogator:
+    """``shared.interrogator`` (``modules.interrogate.InterrogateModels``): BLIP caption + CLIP flavours, and
+    ``<error>`` appended when it fails (here: for green images), as A1111 1.10 returns it."""
+
+    def __init__(self, lock):
+        self.lock, self.calls = lock, []
+
+    def interrogate(self, pil_image):
+        self.calls.append((_colour(pil_image), pil_image.mode, self.lock.locked()))
+        if _colour(pil_image) == "green":
+            return "<error>"
+        return f"a {_colour(pil_image)} picture, flat colour, minimalism"
+
+
+class FakeDeepDanbooru:
+    """``modules.deepbooru.model``: start()/stop() around tag_multi(), which applies the WebUI's settings."""
+    TAGS = {"red": {"red_background": 0.9, "no_humans": 0.8, "circle": 0.6, "rating:safe": 0.99, "faint": 0.2},
+            "blue": {"blue_background": 0.95, "no_humans": 0.7, "square": 0.55}}
+
+    def __init__(self, shared, lock):
+        self.shared, self.lock, self.started, self.stopped, self.calls = shared, lock, 0, 0, []
+
+    def start(self):
+        self.started += 1
+
+    def stop(self):
+        self.stopped += 1
+
+    def tag_multi(self, pil_image, force_disable_ranks=False):
+        opts = self.shared.opts
+        self.calls.append((_colour(pil_image), self.started > self.stopped, self.lock.locked()))
+        probs = self.TAGS.get(_colour(pil_image), {})
+        kept = sorted(((p, t) for t, p in probs.items()
+                       if p >= opts.interrogate_deepbooru_score_threshold and not t.startswith("rating:")), reverse=True)
+        out = []
+        for p, t in kept:
+            t = t.replace("_", " ") if opts.deepbooru_use_spaces else t
+            out.append(f"({t}:{p:.3f})" if opts.interrogate_return_ranks and not force_disable_ranks else t)
+        return ", ".join(out)
+
+
+def _interrogators(shared, lock) -> dict:
+    shared.interrogator = FakeInterrogator(lock)
+    shared.opts.data.update(interrogate_deepbooru_score_threshold=0.5, deepbooru_use_spaces=True,
+                            interrogate_return_ranks=True)
+    return {"modules.interrogate": _module("modules.interrogate", InterrogateModels=FakeInterrogator),
+            "modules.deepbooru": _module("modules.deepbooru", model=FakeDeepDanbooru(shared, lock))}
 
 
 def install(monkeypatch, mods: dict) -> None:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", required=True, help="PNG file to write")
     pl.add_argument("--title", default="")
 
+    sub.add_parser("caption", help="write a caption beside every image of a folder (WD14, BLIP, Florence-2)",
+                   add_help=False)
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny model (long; resumable)", add_help=False)
     pt.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     return parser
@@ -219,6 +221,14 @@ COMMANDS = {"serve": cmd_serve, "queue": cmd_queue, "plot": cmd_plot, "inspect":
 
 
 PASS_THROUGH = {"inspect": "inspect_args", "toy": "toy_args", "pretrain-tiny": "pretrain_args", "demo": "demo_args", "bench": "bench_args"}
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .caption import cli as caption_cli
+    return caption_cli.main(args.caption_args)
+
+
+COMMANDS["caption"], PASS_THROUGH["caption"] = cmd_caption, "caption_args"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,11 @@ class Host:
     def after_job(self, result) -> None:
         """Called after every job that wrote files (the WebUI refreshes its Lora list)."""
 
+    def caption_kinds(self) -> dict:
+        """Captioners this host adds to WD14/BLIP/Florence-2 (the WebUI: its CLIP and DeepBooru interrogators),
+        as ``{kind: factory}`` for ``trainer.caption.run.caption_folder``."""
+        return {}
+
 
 def _files(folder: Optional[Path], suffixes: tuple) -> list[str]:
     if not folder or not Path(folder).is_dir():

@@ -236,6 +236,8 @@ def build_tab(host, queue=None) -> gr.Blocks:
                 _plot_tab(tab, host, queue)
             with gr.Tab("Samples", id="samples", elem_id="shinkansen-tab-samples") as samples_tab:
                 loras = _samples_tab(host, form)
+            from .caption_panel import add_tab as add_caption_tab
+            add_caption_tab(host)
         samples_tab.select(lambda: compat.update(choices=[""] + lora_files(host)), [], [loras])
         _live(tab, queue, host, train, qtab, loras)
     return tab

@@ -244,6 +244,11 @@ class WebUIHost(Host):
         except Exception as e:  # noqa: BLE001 - a failed refresh must not fail a finished job
             log.warning("could not refresh the Lora list: %s", e)
 
+    def caption_kinds(self) -> dict:
+        """The WebUI's interrogators (CLIP, DeepBooru) for the Caption panel."""
+        from .interrogate import caption_kinds
+        return caption_kinds()
+
 
 @contextlib.contextmanager
 def _parked_extras() -> Iterator[None]:
