@@ -66,19 +66,21 @@ def test_dataset_panel_browse_edit_save_reload(browser, tmp_path):  # noqa: F811
         first_caption = (images / "2_red" / "0000.txt").read_text().strip()
         expect(caption_cell(page, "2_red/0000.png")).to_have_text(first_caption)
         expect(caption_cell(page, "1_blue/0002.png")).to_have_text("")
-        page.screenshot(path=str(SHOTS / "dataset-panel.png"), full_page=True)
 
         tiles.nth(2).click()                                # 1_blue/0002.png: no caption file yet
         expect(page.locator("#shinkansen-dataset-image textarea, #shinkansen-dataset-image input").first
                ).to_have_value("1_blue/0002.png", timeout=10_000)
-        expect(page.locator("#shinkansen-dataset-info")).to_contain_text("bucket 128x128")
+        info = page.locator("#shinkansen-dataset-info .shinkansen-dataset-info").first
+        expect(info).to_contain_text("bucket 128x128")
         box = page.locator("#shinkansen-dataset-caption textarea").first
         expect(box).to_have_value("")
         box.fill("zq, a blue circle, edited")
         page.click("#shinkansen-dataset-save")
-        expect(page.locator("#shinkansen-dataset-message")).to_contain_text("saved 0002.txt", timeout=10_000)
+        expect(page.locator("#shinkansen-dataset-message").first).to_contain_text("saved 0002.txt", timeout=10_000)
         assert (images / "1_blue" / "0002.txt").read_text() == "zq, a blue circle, edited"
         expect(caption_cell(page, "1_blue/0002.png")).to_have_text("zq, a blue circle, edited")
+        expect(info).to_contain_text("trained as: zq, a blue circle, edited")
+        page.locator("#shinkansen-tab-dataset").screenshot(path=str(SHOTS / "dataset-panel.png"))
 
         page.reload()                                       # a fresh page: the form is back at 64 px
         open_tab(page, "Dataset")
@@ -98,4 +100,4 @@ def test_dataset_panel_browse_edit_save_reload(browser, tmp_path):  # noqa: F811
         assert server.request("GET", "/dataset", query=f"?folder={tmp_path}/missing")[0] == 400
         page.close()
     finally:
-        server.stop()
+        server.stop(timeout=5)     # a server that served a page takes 60 s to exit on SIGTERM (not this tab's doing)

@@ -159,7 +159,7 @@ def build(form) -> None:
         with gr.Row():
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label=f"Images ({PER_PAGE} per page)", columns=6, height=420,
-                                     allow_preview=False, elem_id="shinkansen-dataset-gallery")
+                                     allow_preview=False, object_fit="contain", elem_id="shinkansen-dataset-gallery")
             with gr.Column(scale=2):
                 image = gr.Textbox(label="Selected image", interactive=False, elem_id="shinkansen-dataset-image")
                 info = gr.HTML(elem_id="shinkansen-dataset-info")
@@ -210,9 +210,9 @@ def build(form) -> None:
     prev.click(turn(-1), [folder, page] + fields, outputs)
     nxt.click(turn(+1), [folder, page] + fields, outputs)
 
-    def on_select(state, number, *values, evt: gr.SelectData = None):
+    def on_select(evt: gr.SelectData, state, number, *values):   # gradio inserts evt at its position: first
         rels = (state or {}).get("rels", [])
-        index = evt.index if evt is not None else None
+        index = evt.index
         if isinstance(index, (list, tuple)):
             index = index[0]
         if index is None or not 0 <= int(index) < len(rels):
@@ -234,11 +234,13 @@ def build(form) -> None:
                 raise UserError("load a folder first")
             path = save_caption(state["folder"], rel or "", text or "")
             out = show(state["folder"], number, values, note=f"saved {path.name} for {rel}")
+            options = options_for(settings_from(values))
+            row = _row(dataset_overview(state["folder"], options), rel, options)
         except UserError as e:
-            return failed(e) + [compat.no_change()]
-        return list(out) + [caption_text(Path(state["folder"]) / rel)[0]]
+            return failed(e) + [compat.no_change(), compat.no_change()]
+        return list(out) + [row.caption, image_info_html(row)]
 
-    save.click(on_save, [shown, image, caption, page] + fields, outputs + [caption])
+    save.click(on_save, [shown, image, caption, page] + fields, outputs + [caption, info])
 
 
 def _row(o: Overview, rel: str, options) -> ImageRow:
