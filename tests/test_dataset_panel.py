@@ -156,8 +156,10 @@ def test_panel_html_carries_the_histogram_and_repeats(folder):
     assert all(line.strip() in html for line in ov.log_lines)
     assert 'data-rel="1_blue/broken.png" data-status="unreadable"' in rows_html(ov.page(0))
     tiles = gallery_items(ov, ov.page(0))
-    assert len(tiles) == 8 and tiles[1][1].startswith("1_blue/0001.png · 128x128 · ")
-    assert "unreadable" in dict((c.split(" · ")[0], c) for _, c in tiles)["1_blue/broken.png"]
+    caption = (folder / "1_blue" / "0001.txt").read_text().strip()
+    assert len(tiles) == 8 and tiles[1][1] == f"{caption} · 1_blue/0001.png · 128x128"
+    assert tiles[2][1] == "(no caption) · 1_blue/0002.png · 128x128"
+    assert tiles[3][1].endswith("1_blue/broken.png · unreadable") and "corrupt" in tiles[3][1]
     for name in DATASET_FIELDS:                                      # every name is a schema field
         field(name)
 

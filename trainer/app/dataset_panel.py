@@ -136,7 +136,8 @@ def gallery_items(o: Overview, rows: Sequence[ImageRow]) -> list:
     for r in rows:
         img = placeholder("unreadable") if r.status == "unreadable" else thumbnail(Path(o.folder) / r.rel)
         label = r.reason if r.status == "unreadable" else (r.caption or "(no caption)")
-        items.append((img, f"{r.rel} · {r.bucket or r.status} · {label}"[:160]))
+        # the caption first: a tile's label has room for a few words only, the file name is in the table
+        items.append((img, f"{label} · {r.rel} · {r.bucket or r.status}"[:200]))
     return items
 
 
