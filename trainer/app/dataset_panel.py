@@ -145,8 +145,8 @@ def gallery_items(o: Overview, rows: Sequence[ImageRow]) -> list:
 def build(form) -> None:
     """The Dataset sub-tab (call inside ``gr.Tabs``); reads the Train form's dataset fields."""
     with gr.Tab("Dataset", id="dataset", elem_id="shinkansen-tab-dataset"):
-        gr.Markdown("Images and captions as training plans them, with the **Train** form's current image size "
-                    "and bucket settings. Click an image to edit its caption.")
+        gr.Markdown("Images and captions as LoRA training plans them, with the **Train** form's current image "
+                    "size and bucket settings. Click an image to edit its caption.")
         with gr.Row():
             folder = gr.Textbox(label="Image folder (empty = the Train form's lora_data_directory)",
                                 elem_id="shinkansen-dataset-folder", scale=5)

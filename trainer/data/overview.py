@@ -147,15 +147,21 @@ def _build(root: Path, files: list[Path], options: DatasetOptions) -> Overview:
         report = DatasetReport(str(root))
         _scan(root, report)
     rows = {rel: ImageRow(rel, _folder_of(rel), "ok") for rel in rels}
+
+    def row_of(rel: str) -> ImageRow:          # a file that appeared between the listing and the scan
+        if rel not in rows:
+            rels.append(rel)
+            rows[rel] = ImageRow(rel, _folder_of(rel), "ok")
+        return rows[rel]
     for rel, why in report.unreadable:
-        rows[rel].status, rows[rel].reason = "unreadable", why
+        row_of(rel).status, rows[rel].reason = "unreadable", why
     skipped: dict[str, list[Size]] = {}
     for rel, bucket in report.too_small:
         skipped.setdefault(rel, []).append(bucket)
     concepts: dict[str, ConceptRow] = {}
     if dataset is not None:
         for rec in dataset.records:
-            row = rows[rec.rel]
+            row = row_of(rec.rel)
             row.height, row.width, row.repeats = rec.height, rec.width, rec.repeats
         for p in dataset.placements:
             row = rows[p.record.rel]
@@ -167,7 +173,7 @@ def _build(root: Path, files: list[Path], options: DatasetOptions) -> Overview:
         for rec in dataset.records:
             concepts[rows[rec.rel].folder].images += 1
     for rel, buckets in skipped.items():
-        row = rows[rel]
+        row = row_of(rel)
         if row.bucket is None:                     # no placement at all: the image is not trained
             row.status = "skipped"
         row.reason = "smaller than bucket " + ", ".join(f"{h}x{w}" for h, w in buckets) + \
