@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Body, Depends, HTTPException
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -244,6 +245,14 @@ def register_api(app, queue: JobQueue, host, auth: Auth = None) -> APIRouter:
                  "modes": list(f.modes), "group": f.group, "second_pass": f.second_pass,
                  "choices": list(f.choices), "traintrain": f.traintrain} for f in FIELDS]
     router.add_api_route("/schema", _errors(schema), methods=["GET"], summary="every setting: type, default, help")
+
+    def dataset(request: Request) -> dict:
+        """The Dataset panel's view of a folder: ``?folder=DIR&page=0&per_page=48`` plus any dataset setting
+        (``image_size=768,512``…) parsed as ``--set`` does; histogram and repeats as training plans them."""
+        from .dataset_panel import overview_json
+        return overview_json(request.query_params)
+    router.add_api_route("/dataset", _errors(dataset), methods=["GET"],
+                         summary="a training folder: images, captions, repeats, buckets (as training plans them)")
 
     app.include_router(router)
     return router

@@ -25,6 +25,7 @@ from .plot import figure, has_data, list_runs, read_loss_csv, run_in_logs
 from ..presets import list_presets, load_preset, save_preset
 from ..settings import FIELDS, IMAGE_FIELDS, MODES, Field, Settings, second_pass_fields
 from .views import message_html, native_size_html, progress_html, queue_html, sample_items
+from .dataset_panel import build as build_dataset_tab
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def build_tab(host, queue=None) -> gr.Blocks:
         with gr.Tabs(elem_id="shinkansen-tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="shinkansen-tab-train"):
                 train = _train_tab(host, queue, form, defaults)
+            build_dataset_tab(form)         # the Dataset sub-tab: images, captions, repeats, buckets
             with gr.Tab("Queue", id="queue", elem_id="shinkansen-tab-queue"):
                 qtab = _queue_tab(host, queue, form, tabs)
             with gr.Tab("Plot", id="plot", elem_id="shinkansen-tab-plot"):
