@@ -144,7 +144,9 @@ def test_train_queue_plot_and_restart_in_the_browser(browser, tmp_path):
         expect(row(page, "second", "pending")).to_have_count(1)     # paused: it did not start
         page.close()
 
-        server.stop()
+        began = time.monotonic()
+        server.stop(timeout=20)      # SIGTERM (Ctrl-C) ends the app promptly, also after pages were served
+        assert (server.proc.returncode, time.monotonic() - began < 20) == (0, True), server.output()[-2000:]
         server = AppServer(root).start()
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(server.url)

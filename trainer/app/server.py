@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def serve(args: argparse.Namespace) -> int:
         print("Shinkansen: shutting down", file=sys.stderr, flush=True)
     finally:
         queue.shutdown()
-        demo.close()
+        # gradio 3.41's close waits for uvicorn, which waits for every open page's connection to end: a
+        # served page held a Ctrl-C'd app for a minute. The queue is already committed, so give it a moment.
+        closer = threading.Thread(target=demo.close, name="gradio-close", daemon=True)
+        closer.start()
+        closer.join(3)
     # Handler threads (a Samples generation, a polling event) must not keep a stopped server alive; the
     # queue's state is already committed, so a hard exit loses nothing.
     sys.stdout.flush()
