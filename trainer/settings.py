@@ -527,6 +527,8 @@ def _blocks_text(v: str) -> str:
 def _check_blocks(name: str, integer: bool) -> Callable[[str], str | None]:
     """kohya's per-block list syntax (trainer/networks/blocks.py), checked when the value is read."""
     def check(v: str) -> str | None:
+        if not v:
+            return None
         from .networks.blocks import parse_values
         try:
             parse_values(v, name, integer)
