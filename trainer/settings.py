@@ -585,6 +585,12 @@ LABELS: dict[str, str] = {
     "multires_noise_discount": "Multi-resolution noise discount", "model_v_pred": "v-prediction model",
     "logging_save_csv": "Save loss CSV", "logging_verbose": "Verbose log", "save_overwrite": "Overwrite existing file",
     "save_as_json": "Save settings as JSON", "diff_use_diff_mask": "Difference mask",
+    "huber_c": "Huber c", "debiased_estimation": "Debiased estimation loss",
+    "ip_noise_gamma": "Input-perturbation noise",
+    "ip_noise_gamma_random_strength": "Random IP-noise strength",
+    "noise_offset_random_strength": "Random noise-offset strength", "ema_decay": "EMA decay of the LoRA weights",
+    "ema_warmup": "EMA warm-up", "block_dims": "Rank per block",
+    "block_alphas": "Alpha per block", "block_lr_weight": "LR weight per block",
 }
 _LABEL_WORDS = {"lr": "LR", "lora": "LoRA", "vae": "VAE", "snr": "SNR", "dora": "DoRA", "csv": "CSV",
                 "json": "JSON", "textencoder": "text encoder", "num": "number of", "n": "N", "diff": "difference"}
@@ -755,7 +761,7 @@ FIELDS: tuple[Field, ...] = (
     _f("ip_noise_gamma_random_strength", "bool", False, "Scale ip_noise_gamma by a random 0-1 factor each "
        "step.", modes=(_L, _D), second_pass=True),
     _f("noise_offset_random_strength", "bool", False, "Scale noise_offset by a random 0-1 factor each step.",
-       second_pass=True),
+       modes=(_L, _D, _A, _M), second_pass=True),
     _f("ema_decay", "float", 0.0, "Keep an exponential moving average of the LoRA weights with this decay "
        "(e.g. 0.999) and save it instead of the last weights; 0 is off.", second_pass=True, ge=0,
        check=lambda v: None if v < 1 else f"{v} must be below 1 (e.g. 0.999), or 0 for off"),
