@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .loss_terms import HUBER_KINDS, LossOptions, extra_weights, huber_threshold, offset_strength, pseudo_huber
 from .models.schedule import NoiseSchedule
 
-LOSSES = ("MSE", "L1", "Smooth-L1")
+LOSSES = ("MSE", "L1", "Smooth-L1", *HUBER_KINDS)
 
 
 def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator, device,
@@ -27,10 +28,13 @@ def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator
 
 
 def make_noise(like: torch.Tensor, generator: torch.Generator, offset: float = 0.0,
-               multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
-    """Gaussian noise shaped like ``like``, with optional offset noise and multi-resolution (pyramid) noise."""
+               multires_iterations: int = 0, multires_discount: float = 0.3,
+               offset_random: bool = False) -> torch.Tensor:
+    """Gaussian noise shaped like ``like``, with optional offset noise (``offset_random``: kohya's
+    random strength) and multi-resolution (pyramid) noise."""
     b, c, h, w = like.shape
     noise = torch.randn((b, c, h, w), generator=generator)
+    offset = offset_strength(offset, offset_random, generator)
     if offset:
         noise = noise + offset * torch.randn((b, c, 1, 1), generator=generator)
     if multires_iterations > 0:
@@ -46,10 +50,16 @@ def make_noise(like: torch.Tensor, generator: torch.Generator, offset: float = 0
 
 
 def loss_per_sample(pred: torch.Tensor, target: torch.Tensor, kind: str = "MSE",
-                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Element loss averaged over all but the batch dimension (over the mask's area when given)."""
+                    mask: Optional[torch.Tensor] = None, huber_c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Element loss averaged over all but the batch dimension (over the mask's area when given).
+
+    ``huber_c``: the per-sample threshold the Huber kinds need (:func:`trainer.loss_terms.huber_threshold`)."""
     pred, target = pred.float(), target.float()
-    if kind == "MSE":
+    if kind in HUBER_KINDS:
+        if huber_c is None:
+            raise ValueError(f"{kind} loss needs huber_c per sample")
+        el = pseudo_huber(pred - target, huber_c.to(pred.device), kind)
+    elif kind == "MSE":
         el = (pred - target).square()
     elif kind == "L1":
         el = (pred - target).abs()
@@ -72,8 +82,23 @@ def snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, predicti
 
 def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    schedule: NoiseSchedule, prediction_type: str, kind: str = "MSE", snr_gamma: float = 0.0,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The standard diffusion loss against the ε or v target, min-SNR weighted, batch-averaged."""
+                   mask: Optional[torch.Tensor] = None, options: Optional[LossOptions] = None) -> torch.Tensor:
+    """The standard diffusion loss against the ε or v target, min-SNR weighted, batch-averaged.
+
+    ``options`` (from :func:`trainer.loss_terms.loss_options`) replaces ``kind``/``snr_gamma`` and adds
+    kohya's extras: the Huber threshold per timestep and the debiased-estimation weight."""
     target = schedule.target(x0, noise, t, prediction_type)
-    per = loss_per_sample(pred, target, kind, mask)
-    return (per * snr_weights(schedule, t, snr_gamma, prediction_type)).mean()
+    return weighted_loss(pred, target, t, schedule, prediction_type,
+                         options or LossOptions(kind=kind, snr_gamma=snr_gamma), mask)
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
+                  prediction_type: str, options: LossOptions, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample loss (Huber threshold c(t) when the kind needs one), times min-SNR and debiased weights,
+    batch-averaged: kohya's order (conditional_loss → mean per sample → min-SNR → debiased → mean)."""
+    c = (huber_threshold(schedule, t, options.huber_c, options.huber_schedule, options.huber_scale)
+         if options.kind in HUBER_KINDS else None)
+    per = loss_per_sample(pred, target, options.kind, mask, c)
+    per = per * snr_weights(schedule, t, options.snr_gamma, prediction_type)
+    extra = extra_weights(schedule, t, prediction_type, options)
+    return (per if extra is None else per * extra.to(per.device)).mean()

@@ -27,6 +27,8 @@ import torch
 
 from .atomic import atomic_path
 from . import __version__
+from .ema import ema_metadata, make_ema
+from .loss_terms import loss_metadata
 from .errors import UserError
 from .events import CsvLogger, EventBus, RunEvent, StepEvent, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, is_schedule_free
@@ -168,6 +170,7 @@ class Run:
         self.csv_path: Optional[Path] = None
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
         self.done_phases: list[str] = []                    # passes trained to the end (saved with the state)
+        self._ema = None                                    # the pass's WeightEMA while it trains (ema_decay)
         self._pass_t0 = time.perf_counter()
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
@@ -259,6 +262,8 @@ class Run:
             "shinkansen_mode": settings.mode,
             "shinkansen_settings": json.dumps(settings.to_dict("ours"), default=str),
         }
+        info.update(loss_metadata(settings))
+        info.update(ema_metadata(settings))
         info.update(self.extra_metadata)
         info.update(extra or {})
         return info
@@ -316,6 +321,7 @@ class Run:
                                     s.train_lr_scheduler_num_cycles, s.train_lr_scheduler_power,
                                     s.train_lr_step_rules, dict(s.train_lr_scheduler_settings))
         params = [p for g in groups for p in g["params"]]
+        ema = self._ema = make_ema(s, params)
         has_te = any(g.get("name") == "text_encoder" for g in groups)
         self.open_csv(with_te_lr=has_te)
         model_dtype = self.precision("train_model_precision", s)
@@ -365,6 +371,8 @@ class Run:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             step += 1
             loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
             now = time.perf_counter()
@@ -393,6 +401,9 @@ class Run:
             self.csv.muted = False
         if s.save_state:
             self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+        if ema is not None:   # the average is the pass's product: the mode saves it, a later pass uses it
+            ema.copy_to()
+            self._ema = None
         return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
 
     def sample(self, network, step: int, phase: str = "") -> list[Path]:
@@ -424,6 +435,10 @@ class Run:
         return paths
 
     def _swap_eval(self, optimizer, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` (a save or a sample) on the weights that are the product: schedule-free's averaged
+        ones, and the EMA when ``ema_decay`` is on."""
+        if self._ema is not None:
+            fn = self._ema.wrap(fn)
         if is_schedule_free(optimizer):
             optimizer.eval()
             try:
@@ -465,6 +480,7 @@ class Run:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": self._rng_states(),
                 "extra": state.state_dict() if state is not None else None,
+                "ema": self._ema.state_dict() if self._ema is not None else None,
                 "settings": json.dumps(s.to_dict("ours"), default=str),
                 # the loss CSV goes on where this state was saved: one run, one series in the plot
                 "csv": str(self.csv_path) if self.csv is not None else None,
@@ -496,6 +512,10 @@ class Run:
             scheduler.load_state_dict(data["scheduler"])
             if state is not None and data.get("extra") is not None:
                 state.load_state_dict(data["extra"])
+            if self._ema is not None:
+                self._ema.load_state_dict(data.get("ema"))
+            elif data.get("ema") is not None:
+                raise KeyError("the state holds an EMA of the weights; set ema_decay as when it was saved")
         except (RuntimeError, ValueError, KeyError) as e:   # another rank, dataset, batch size, optimizer …
             raise UserError(f"train_resume_state: {path} was saved by a run with other settings "
                             f"({_first_line(e)}); resume with that run's settings") from None

@@ -78,7 +78,10 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam"
               "CAME", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "piecewise_constant", "cosine_annealing")
-LOSS_FUNCTIONS = ("MSE", "L1", "Smooth-L1")
+LOSS_FUNCTIONS = ("MSE", "L1", "Smooth-L1", "Huber", "Smooth-L1-kohya")
+#: kohya's ``--loss_type`` spellings. Its ``smooth_l1`` is a pseudo-Huber ("Smooth-L1-kohya" here); the plain
+#: spelling "smooth_l1" stays TrainTrain's Smooth-L1 (torch's, beta 1), which its files mean by it.
+_LOSS_MAP = {"l2": "MSE", "huber": "Huber", "kohya_smooth_l1": "Smooth-L1-kohya"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPS = ("required", "optional")
 #: Optimizers that estimate their own step size and use the learning rate only as a multiplier on it:
@@ -517,6 +520,24 @@ def _check_color(v: str) -> str | None:
     return f"{v!r} is not a colour; write white, black, gray or #rrggbb"
 
 
+def _blocks_text(v: str) -> str:
+    return ",".join(x.strip() for x in v.split(",")) if v.strip() else ""
+
+
+def _check_blocks(name: str, integer: bool) -> Callable[[str], str | None]:
+    """kohya's per-block list syntax (trainer/networks/blocks.py), checked when the value is read."""
+    def check(v: str) -> str | None:
+        if not v:
+            return None
+        from .networks.blocks import parse_values
+        try:
+            parse_values(v, name, integer)
+        except UserError as e:
+            return str(e).split(": ", 1)[1]
+        return None
+    return check
+
+
 def _f(name: str, kind: str, default: Any, help: str, **kw: Any) -> Field:
     return Field(name=name, kind=kind, default=default, help=help, **kw)
 
@@ -564,6 +585,12 @@ LABELS: dict[str, str] = {
     "multires_noise_discount": "Multi-resolution noise discount", "model_v_pred": "v-prediction model",
     "logging_save_csv": "Save loss CSV", "logging_verbose": "Verbose log", "save_overwrite": "Overwrite existing file",
     "save_as_json": "Save settings as JSON", "diff_use_diff_mask": "Difference mask",
+    "huber_c": "Huber c", "debiased_estimation": "Debiased estimation loss",
+    "ip_noise_gamma": "Input-perturbation noise",
+    "ip_noise_gamma_random_strength": "Random IP-noise strength",
+    "noise_offset_random_strength": "Random noise-offset strength", "ema_decay": "EMA decay of the LoRA weights",
+    "ema_warmup": "EMA warm-up", "block_dims": "Rank per block",
+    "block_alphas": "Alpha per block", "block_lr_weight": "LR weight per block",
 }
 _LABEL_WORDS = {"lr": "LR", "lora": "LoRA", "vae": "VAE", "snr": "SNR", "dora": "DoRA", "csv": "CSV",
                 "json": "JSON", "textencoder": "text encoder", "num": "number of", "n": "N", "diff": "difference"}
@@ -662,6 +689,14 @@ FIELDS: tuple[Field, ...] = (
        traintrain="network_element"),
     _f("network_dora", "bool", False, "Use DoRA (weight-decomposed LoRA), which often learns more faithfully "
        "at the same rank.", second_pass=True),
+    _f("block_dims", "str", "", "Rank per UNet block in kohya's syntax: 25 comma-separated values for SD1/SD2 "
+       "(IN00-IN11, MID, OUT00-OUT11) or 23 for SDXL; 0 = no module in that block. Empty uses network_rank.",
+       second_pass=True, normalize=_blocks_text, check=_check_blocks("block_dims", True)),
+    _f("block_alphas", "str", "", "Alpha per UNet block, same syntax as block_dims. Empty uses network_alpha.",
+       second_pass=True, normalize=_blocks_text, check=_check_blocks("block_alphas", False)),
+    _f("block_lr_weight", "str", "", "Learning-rate multiplier per UNet block, same syntax as block_dims "
+       "(kohya's down/mid/up_lr_weight in one list); 0 freezes the block. Empty = 1 everywhere.",
+       second_pass=True, normalize=_blocks_text, check=_check_blocks("block_lr_weight", False)),
     # ---- dataset
     _f("image_buckets_step", "int", 256, "Step in pixels between bucket sizes for images of other aspect "
        "ratios.", modes=(_L, _M), traintrain="image_buckets_step", gt=0,
@@ -698,8 +733,10 @@ FIELDS: tuple[Field, ...] = (
        traintrain="train_min_timesteps", ge=0, le=999),
     _f("train_max_timesteps", "int", 1000, "Highest noise timestep trained, exclusive (1-1000).",
        second_pass=True, traintrain="train_max_timesteps", ge=1, le=1000),
-    _f("train_loss_function", "choice", "MSE", "Loss between prediction and target.", choices=LOSS_FUNCTIONS,
-       second_pass=True, traintrain="train_loss_function"),
+    _f("train_loss_function", "choice", "MSE", "Loss between prediction and target. Huber and Smooth-L1-kohya "
+       "are kohya's pseudo-Huber losses (threshold from huber_schedule and huber_c: robust to outlier images); "
+       "Smooth-L1 is torch's (TrainTrain's).", choices=LOSS_FUNCTIONS, second_pass=True,
+       traintrain="train_loss_function", choice_map=_LOSS_MAP),
     _f("train_snr_gamma", "float", 5.0, "Min-SNR weighting gamma (balances noise levels); 0 turns it off.",
        second_pass=True, traintrain="train_snr_gamma", ge=0),
     _f("noise_offset", "float", 0.0, "Noise offset (typical 0.05-0.1) to learn very dark and bright images; "
@@ -708,6 +745,28 @@ FIELDS: tuple[Field, ...] = (
        "off.", second_pass=True, ge=0, le=20),
     _f("multires_noise_discount", "float", 0.3, "Strength falloff of each multi-resolution noise level.",
        second_pass=True, gt=0, le=1),
+    # ---- kohya's loss and noise extras, EMA (trainer/loss_terms.py, trainer/ema.py)
+    _f("huber_schedule", "choice", "snr", "How the Huber threshold c changes with the noise level (Huber and "
+       "Smooth-L1-kohya losses): snr = near L2 on clean, near L1 on noisy steps (kohya's default); exponential; "
+       "constant.", choices=("snr", "exponential", "constant"), second_pass=True),
+    _f("huber_c", "float", 0.1, "Huber threshold c (kohya's --huber_c): the lowest c of the snr and exponential "
+       "schedules, the c of constant.", second_pass=True, gt=0, suggest=(0.05, 0.1, 0.2, 0.5)),
+    _f("huber_scale", "float", 1.0, "Multiplies c for the constant and exponential Huber schedules (kohya's "
+       "--huber_scale; the snr schedule ignores it, as in kohya).", second_pass=True, gt=0),
+    _f("debiased_estimation", "bool", False, "Weight each step's loss by 1/sqrt(SNR) (v-prediction: "
+       "1/(SNR+1)) so nearly clean timesteps count less (kohya's --debiased_estimation_loss).",
+       second_pass=True),
+    _f("ip_noise_gamma", "float", 0.0, "Input-perturbation noise (typical 0.1): the noised input gets extra "
+       "noise of this strength, the target does not; 0 is off.", modes=(_L, _D), second_pass=True, ge=0, le=1),
+    _f("ip_noise_gamma_random_strength", "bool", False, "Scale ip_noise_gamma by a random 0-1 factor each "
+       "step.", modes=(_L, _D), second_pass=True),
+    _f("noise_offset_random_strength", "bool", False, "Scale noise_offset by a random 0-1 factor each step.",
+       modes=(_L, _D, _A, _M), second_pass=True),
+    _f("ema_decay", "float", 0.0, "Keep an exponential moving average of the LoRA weights with this decay "
+       "(e.g. 0.999) and save it instead of the last weights; 0 is off.", second_pass=True, ge=0,
+       check=lambda v: None if v < 1 else f"{v} must be below 1 (e.g. 0.999), or 0 for off"),
+    _f("ema_warmup", "bool", False, "Ramp the EMA decay up as min(ema_decay, (1+n)/(10+n)) after n updates, "
+       "so early weights do not dominate a short run.", second_pass=True),
     _f("train_lr_step_rules", "str", "", "For piecewise_constant: factor:step pairs then a final factor, e.g. "
        "1:100,0.5:200,0.1.", second_pass=True, traintrain="train_lr_step_rules", check=_check_step_rules),
     _f("train_lr_warmup_steps", "int", 0, "Steps over which the learning rate rises from 0 at the start.",
@@ -1077,6 +1136,13 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
     if s.sample_every_n_steps > 0 and not s.sample_prompts:
         err("sample_prompts", "sample_every_n_steps is on but there is no prompt; add one per line or set "
             "sample_every_n_steps to 0")
+    given = {n: len(getattr(s, n).split(",")) for n in ("block_dims", "block_alphas", "block_lr_weight")
+             if getattr(s, n)}
+    if len(set(given.values())) > 1:
+        err("block_alphas" if "block_alphas" in given else "block_lr_weight", "per-block lists differ in length ("
+            + ", ".join(f"{n} {k}" for n, k in given.items()) + "); use 25 values for SD1/SD2 or 23 for SDXL in all")
+    if s.block_lr_weight and not any(float(x) for x in s.block_lr_weight.split(",")) and "BASE" not in s.network_blocks:
+        err("block_lr_weight", "every block is frozen (all 0), so nothing would be trained")
     missing = missing_optimizer_package(s.train_optimizer)
     if missing:
         err("train_optimizer", missing)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..data import BucketBatchSampler, discover_pairs, encode_dataset
-from ..diffusion import loss_per_sample, make_noise, sample_timesteps, snr_weights
+from ..diffusion import make_noise, sample_timesteps, weighted_loss
+from ..loss_terms import loss_options
 from ..networks import networks_off
 from .common import (background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training,
                      without_text_encoder)
@@ -43,8 +44,7 @@ def _step_loss(run, s, network, a, b, cond, t, noise, step, mask=None) -> torch.
     # Set, not scoped: a checkpointed backward recomputes the forward and must see the same multiplier.
     network.multiplier = m if even else -m * abs(s.diff_alt_ratio)
     pred = bundle.unet_call(x_dst, t, cond)
-    per = loss_per_sample(pred, target, s.train_loss_function, mask)
-    return (per * snr_weights(bundle.schedule, t, s.train_snr_gamma, bundle.prediction_type)).mean()
+    return weighted_loss(pred, target, t, bundle.schedule, bundle.prediction_type, loss_options(s), mask)
 
 
 def run(run, prepared=None) -> None:
@@ -68,7 +68,8 @@ def run(run, prepared=None) -> None:
         A, B = a.expand(bs, *a.shape[1:]), b.expand(bs, *b.shape[1:])
 
         def loss_fn(step: int) -> torch.Tensor:
-            noise = make_noise(A, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount)
+            noise = make_noise(A, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount,
+                               offset_random=s.noise_offset_random_strength)
             t = sample_timesteps(bs, s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
             return _step_loss(run, s, network, A, B, cond, t, noise, step)
@@ -103,7 +104,8 @@ def _run_multi(run, s, pairs, gen) -> None:
             b = torch.stack([targs[i].mean for i in idx]).to(run.device)
             size = (a.shape[-2] * 8, a.shape[-1] * 8)
             cond = caption_conditioning(run, [origs[i].caption for i in idx], size, text, train_te=False)
-            noise = make_noise(a, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount)
+            noise = make_noise(a, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount,
+                               offset_random=s.noise_offset_random_strength)
             t = sample_timesteps(a.shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
             mask = None

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 from ..networks import NetworkSpec, create_network, resume_network
+from ..networks.blocks import parse_values
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 
@@ -30,7 +31,10 @@ def background_rgb(value: str) -> tuple:
 def network_spec(s, seed: int) -> NetworkSpec:
     return NetworkSpec(network_type=s.network_type, rank=s.network_rank, alpha=s.network_alpha,
                        conv_rank=s.network_conv_rank, conv_alpha=s.network_conv_alpha, dora=s.network_dora,
-                       blocks=list(s.network_blocks), element=s.network_element, seed=seed)
+                       blocks=list(s.network_blocks), element=s.network_element, seed=seed,
+                       block_dims=parse_values(s.block_dims, "block_dims", integer=True),
+                       block_alphas=parse_values(s.block_alphas, "block_alphas"),
+                       block_lr_weight=parse_values(s.block_lr_weight, "block_lr_weight"))
 
 
 def without_text_encoder(run, s):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
+from ..loss_terms import loss_options, perturbed_input_noise
 from ..errors import UserError
 from ..networks import load_lora, network_from_state_dict
 from .common import (background_rgb, encode_pixels, load_image_pair, new_network, repeat_cond, training,
@@ -42,12 +43,14 @@ def _denoise_pass(run, s, network, latent, cond, phase: str, gen_name: str):
 
     def loss_fn(step: int) -> torch.Tensor:
         x0 = x0_one.expand(b, *x0_one.shape[1:])
-        noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount)
+        noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount,
+                           offset_random=s.noise_offset_random_strength)
         t = sample_timesteps(b, s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                              s.train_fixed_timesteps_in_batch)
-        pred = bundle.unet_call(bundle.schedule.add_noise(x0, noise, t).to(bundle.dtype), t, cond_b)
+        noise_in = perturbed_input_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength, gen)
+        pred = bundle.unet_call(bundle.schedule.add_noise(x0, noise_in, t).to(bundle.dtype), t, cond_b)
         return denoising_loss(pred, x0, noise, t, bundle.schedule, bundle.prediction_type,
-                              s.train_loss_function, s.train_snr_gamma)
+                              options=loss_options(s))
 
     with training(run, s, train_te=False):
         return run.train(loss_fn, network, s, phase=phase)

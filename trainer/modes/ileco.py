@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import loss_per_sample, sample_timesteps, snr_weights
+from ..diffusion import sample_timesteps, weighted_loss
+from ..loss_terms import loss_options
 from ..models.sampling import concat_cond
 from ..networks import networks_off
 from .common import new_network, repeat_cond, training, without_text_encoder
@@ -72,8 +73,7 @@ def run(run, prepared=None) -> None:
                 else:
                     target = bundle.unet_call(z, t, c_out)
             pred = bundle.unet_call(z, t, c_in)
-            per = loss_per_sample(pred, target, s.train_loss_function)
-            return (per * snr_weights(bundle.schedule, t, s.train_snr_gamma, bundle.prediction_type)).mean()
+            return weighted_loss(pred, target, t, bundle.schedule, bundle.prediction_type, loss_options(s))
 
         run.extra_metadata.update({"ss_resolution": str((h, w)), "shinkansen_original_prompt": s.original_prompt,
                                    "shinkansen_target_prompt": s.target_prompt})

@@ -9,6 +9,7 @@ import torch
 
 from ..data import BucketBatchSampler, DatasetOptions, collate, encode_dataset, load_dataset
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
+from ..loss_terms import loss_options, perturbed_input_noise
 from .common import background_rgb, new_network, training
 
 
@@ -58,19 +59,21 @@ def run(run, dataset=None) -> None:
         sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
         schedule, pred_type = bundle.schedule, bundle.prediction_type
+        options = loss_options(s)
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = collate(samples, next(sampler), gen)
             x0 = batch["latents"].to(run.device)
             size = (x0.shape[-2] * 8, x0.shape[-1] * 8)
-            noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount)
+            noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount,
+                               offset_random=s.noise_offset_random_strength)
             t = sample_timesteps(x0.shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
             cond = caption_conditioning(run, batch["captions"], size, text_cache, train_te)
-            pred = bundle.unet_call(schedule.add_noise(x0, noise, t).to(bundle.dtype), t, cond)
+            noise_in = perturbed_input_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength, gen)
+            pred = bundle.unet_call(schedule.add_noise(x0, noise_in, t).to(bundle.dtype), t, cond)
             mask = batch["mask"].to(run.device) if (s.image_masked_loss and batch["mask"] is not None) else None
-            return denoising_loss(pred, x0, noise, t, schedule, pred_type, s.train_loss_function,
-                                  s.train_snr_gamma, mask)
+            return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask, options=options)
 
         run.extra_metadata.update({
             "ss_num_train_images": len(dataset.records),

@@ -113,6 +113,19 @@ def architecture(family: str, prediction_type: str) -> str:
             "sdxl": "stable-diffusion-xl-v1-base"}[family] + "/lora"
 
 
+def block_args(network: LoRANetwork) -> dict[str, str]:
+    """kohya's network args for per-block ranks, alphas and LR weights (absent when unused)."""
+    from .blocks import kohya_lr_weight_args
+    s, out = network.spec, {}
+    if s.block_dims is not None:
+        out["block_dims"] = ",".join(str(int(v)) for v in s.block_dims)
+    if s.block_alphas is not None:
+        out["block_alphas"] = ",".join(f"{float(v):g}" for v in s.block_alphas)
+    if s.block_lr_weight is not None:
+        out.update(kohya_lr_weight_args(s.block_lr_weight, network.family, network.unet))
+    return out
+
+
 def network_metadata(network: LoRANetwork, strength: float = 1.0) -> dict[str, str]:
     """What the network itself knows: kohya's ``ss_network_*``, model version keys, ``modelspec`` facts.
 
@@ -130,6 +143,7 @@ def network_metadata(network: LoRANetwork, strength: float = 1.0) -> dict[str, s
         args = {"algo": {"lierla": "lora", "c3lier": "locon"}.get(s.network_type, s.network_type), **args}
         if s.dora:
             args["dora_wd"] = "True"
+    args.update(block_args(network))
     pred = network.prediction_type
     md = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",

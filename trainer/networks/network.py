@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from . import blocks as B
 from . import modules as M
 from .targets import BASE, Target, block_counts, groups_for, name_table, normalize_blocks, \
     normalize_element, select_targets
@@ -43,6 +44,10 @@ class NetworkSpec:
     blocks: Optional[Sequence[str]] = None
     element: str = "Full"
     seed: Optional[int] = None            # initialisation seed (None: the global RNG)
+    # kohya's per-slot lists (see .blocks): rank and alpha of Linear/1x1 modules, UNet LR multiplier
+    block_dims: Optional[Sequence[int]] = None
+    block_alphas: Optional[Sequence[float]] = None
+    block_lr_weight: Optional[Sequence[float]] = None
 
     def rank_alpha(self, target: Target) -> tuple[int, float]:
         if target.kind == "conv":
@@ -50,9 +55,27 @@ class NetworkSpec:
             return rank, float(self.conv_alpha or self.alpha or rank)
         return int(self.rank), float(self.alpha or self.rank)
 
+    def slot_rank_alpha(self, target: Target, slot: Optional[int]) -> tuple[int, float]:
+        """:meth:`rank_alpha` with ``block_dims``/``block_alphas`` applied to a UNet Linear/1x1 module in
+        kohya slot ``slot`` (3x3 convs and the text encoder keep the network's values, as in kohya)."""
+        rank, alpha = self.rank_alpha(target)
+        if slot is None or target.kind == "conv":
+            return rank, alpha
+        if self.block_dims is not None:
+            rank = int(self.block_dims[slot])
+            alpha = float(self.alpha or rank)
+        if self.block_alphas is not None:
+            alpha = float(self.block_alphas[slot] or rank)
+        return rank, alpha
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["blocks"] = list(self.blocks) if self.blocks is not None else None
+        for k in ("block_dims", "block_alphas", "block_lr_weight"):
+            if d[k] is None:
+                del d[k]          # absent unless used: files of runs without them stay as they were
+            else:
+                d[k] = list(d[k])
         return d
 
 
@@ -82,6 +105,8 @@ class LoRANetwork(nn.Module):
         self.multiplier: float = 1.0
         self._handles: list = []
         self.counts = block_counts(targets, self.unet)
+        self.slots: dict[str, int] = {t.name: B.slot_of(t.path, self.family, self.unet)
+                                      for t in targets if t.part == "unet"}
 
     # ------------------------------------------------------------------ facts
     @property
@@ -113,8 +138,24 @@ class LoRANetwork(nn.Module):
         s = self.spec
         kind = s.network_type + (" + DoRA" if s.dora else "")
         blocks = ", ".join(f"{b} {n}" for b, n in self.counts.items())
+        ranks = "; ranks per block: " + ", ".join(f"{b} {'/'.join(map(str, r))}"
+                                                   for b, r in self.block_ranks().items()) \
+            if s.block_dims is not None else ""
         return (f"{kind} rank {s.rank} alpha {s.alpha:g}: {len(self.targets)} modules "
-                f"(text encoder {self.te_count()}, UNet {self.unet_count()}); per block: {blocks}")
+                f"(text encoder {self.te_count()}, UNet {self.unet_count()}); per block: {blocks}{ranks}")
+
+    def block_ranks(self) -> dict[str, list[int]]:
+        """The distinct module ranks of each block, in block order."""
+        out: dict[str, set] = {}
+        for name, t in self.targets.items():
+            out.setdefault(t.block, set()).add(M.rank_of(self.adapters[name]))
+        return {b: sorted(out[b], key=str) for b in self.counts if b in out}
+
+    def lr_weight(self, name: str) -> float:
+        """``block_lr_weight`` of module ``name`` (1 for the text encoder and when unset)."""
+        w = self.spec.block_lr_weight
+        slot = self.slots.get(name)
+        return 1.0 if w is None or slot is None else float(w[slot])
 
     # ------------------------------------------------------------------ hooks
     def apply_to(self, model: Any = None) -> "LoRANetwork":
@@ -181,16 +222,30 @@ class LoRANetwork(nn.Module):
     # ------------------------------------------------------------------ training
     def trainable_parameters(self, unet_lr: Optional[float] = None,
                              te_lr: Optional[float] = None) -> list[dict]:
-        """Optimizer param groups: ``unet`` and ``text_encoder`` (separate LR; None = optimizer default)."""
+        """Optimizer param groups: ``unet`` and ``text_encoder`` (separate LR; None = optimizer default).
+
+        With ``block_lr_weight``, UNet modules of a slot weighted w ≠ 1 form a group ``unet SLOT`` at
+        ``unet_lr·w`` (kohya: one group per block); weight 0 freezes them (no gradient, in no group)."""
         groups = []
+        names = B.slot_names(self.family, self.unet) if self.spec.block_lr_weight is not None else []
         for part, label, lr in (("unet", "unet", unet_lr), ("te", "text_encoder", te_lr)):
-            params = [p for name, t in self.targets.items() if t.part == part
-                      for p in self.adapters[name].parameters() if p.requires_grad]
-            if params:
-                group: dict = {"params": params, "name": label}
-                if lr is not None:
-                    group["lr"] = lr
-                groups.append(group)
+            by_group: dict[str, tuple[float, list]] = {}
+            for name, t in self.targets.items():
+                if t.part != part:
+                    continue
+                w = self.lr_weight(name)
+                if w == 0:
+                    self.adapters[name].requires_grad_(False)
+                    continue
+                key = label if w == 1 else f"{label} {names[self.slots[name]]}"
+                by_group.setdefault(key, (w, []))[1].extend(p for p in self.adapters[name].parameters()
+                                                           if p.requires_grad)
+            for key, (w, params) in by_group.items():
+                if params:
+                    group: dict = {"params": params, "name": key}
+                    if lr is not None:
+                        group["lr"] = lr * w
+                    groups.append(group)
         return groups
 
     def freeze(self) -> "LoRANetwork":
@@ -299,12 +354,24 @@ def create_network(model: Any, spec: NetworkSpec, dtype: torch.dtype = torch.flo
     if int(spec.rank) < 1:
         raise UserError(f"network_rank must be at least 1 (got {spec.rank})")
     targets = select_targets(unet, tes, family, spec.network_type, spec.blocks, spec.element)
+    for name in ("block_dims", "block_alphas", "block_lr_weight"):
+        B.check_count(getattr(spec, name), name, family, unet)
+    per_slot = spec.block_dims is not None or spec.block_alphas is not None
     algo = M.ALGO_OF_TYPE[spec.network_type]
     adapters: dict[str, nn.Module] = {}
+    kept: list[Target] = []
     with _seeded(spec.seed):
         for t in targets:
-            rank, alpha = spec.rank_alpha(t)
+            slot = B.slot_of(t.path, family, unet) if per_slot and t.part == "unet" else None
+            rank, alpha = spec.slot_rank_alpha(t, slot)
+            if rank == 0:          # block_dims 0: no module in this block (kohya)
+                continue
             adapters[t.name] = M.build(t.name, t.module, algo, rank, alpha, spec.dora, dtype=dtype)
+            kept.append(t)
+    if not any(t.part == "unet" for t in kept):
+        raise UserError("block_dims: every selected UNet block has rank 0, so nothing would be trained; give "
+                        "some block a rank above 0")
+    targets = kept
     network = LoRANetwork(spec, targets, adapters, model)
     log.info("network %s", network.describe())
     if BASE in spec.blocks and not tes:

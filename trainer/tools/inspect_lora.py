@@ -68,6 +68,19 @@ def delta_norm(tensors: dict) -> Optional[float]:
     return float(delta.norm() * alpha / rank)
 
 
+def per_block_values(details: dict) -> dict:
+    """``ranks_per_block`` and ``alphas_per_block``: each block's value, or its distinct values in a list
+    when its modules differ (e.g. 3x3 convs at network_conv_rank beside block_dims' rank)."""
+    out: dict = {"ranks_per_block": {}, "alphas_per_block": {}}
+    for key, field in (("ranks_per_block", "rank"), ("alphas_per_block", "alpha")):
+        seen: dict = {}
+        for d in details.values():
+            if d["block"] is not None and d[field] is not None:
+                seen.setdefault(d["block"], set()).add(d[field])
+        out[key] = {b: (next(iter(v)) if len(v) == 1 else sorted(v, key=str)) for b, v in sorted(seen.items())}
+    return out
+
+
 def inspect(path: Path) -> dict:
     from ..networks import load_lora
     from ..networks.network import split_modules
@@ -95,6 +108,7 @@ def inspect(path: Path) -> dict:
         "file": str(path), "bytes": path.stat().st_size, "family_layout": family,
         "tensors": len(tensors), "dtypes": dict(dtypes), "modules": len(modules),
         "modules_per_block": dict(sorted(per_block.items())), "unmatched_modules": unknown,
+        **per_block_values(details),
         "ranks": _rank_counts(d["rank"] for d in details.values()),
         "keys": sorted(tensors), "module_details": details, "metadata": metadata,
     }
