@@ -72,8 +72,13 @@ def snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, predicti
 
 def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    schedule: NoiseSchedule, prediction_type: str, kind: str = "MSE", snr_gamma: float = 0.0,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The standard diffusion loss against the ε or v target, min-SNR weighted, batch-averaged."""
+                   mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The standard diffusion loss against the ε or v target, min-SNR weighted, batch-averaged.
+
+    ``weights`` [B] scales each sample's loss before the batch mean (kohya's ``loss_weights``: a reg image's
+    ``prior_loss_weight``), so a weight-0 sample contributes nothing and the others keep their scale."""
     target = schedule.target(x0, noise, t, prediction_type)
-    per = loss_per_sample(pred, target, kind, mask)
-    return (per * snr_weights(schedule, t, snr_gamma, prediction_type)).mean()
+    per = loss_per_sample(pred, target, kind, mask) * snr_weights(schedule, t, snr_gamma, prediction_type)
+    if weights is not None:
+        per = per * weights.to(per.device, per.dtype)
+    return per.mean()
