@@ -117,8 +117,7 @@ def load_reg_images(folder: os.PathLike | str, options: DatasetOptions, buckets:
         d = dirs.setdefault(name, {"n_repeats": r.repeats, "img_count": 0})
         d["img_count"] += 1
     num_reg = sum(r.repeats for r in usable)
-    plain = replace(options, lora_trigger_word="")
-    per_image: list[list[Placement]] = [place(r, buckets, plain, report) for r in usable]
+    per_image: list[list[Placement]] = [place(r, buckets, options, report) for r in usable]   # no trigger word
     new = balance([r.repeats for r in usable], train_samples)
     placements: list[Placement] = []
     for r, ps, k in zip(usable, per_image, new):
