@@ -63,4 +63,5 @@ def test_reg_images_keep_the_class_prompt(folders):
     print(f"\n'{CLASS_PROMPT}' drawn as a red circle over {len(SEEDS)} seeds: base model {FIGURES['base']:.2f}, "
           f"LoRA without reg images {FIGURES['plain']:.2f}, LoRA with reg images {FIGURES['with_reg']:.2f}")
     assert FIGURES["plain"] >= FIGURES["base"] + 0.25, "the plain run should drift (else the test shows nothing)"
-    assert FIGURES["with_reg"] <= FIGURES["plain"] - 0.25
+    # measured on CPU: base 0.12, plain 1.00, with reg 0.25, and 0.81 for the broken variant (reg loss weight 0)
+    assert FIGURES["with_reg"] <= FIGURES["plain"] - 0.45
