@@ -557,6 +557,7 @@ _NET_MAP = {"lora": "lierla", "locon": "c3lier", "lycoris_loha": "loha", "lycori
 #: Human labels where spelling out the key (:func:`_auto_label`) does not read well.
 LABELS: dict[str, str] = {
     "model_checkpoint": "Model", "model_vae": "VAE", "lora_data_directory": "Training images folder",
+    "lora_reg_directory": "Regularisation images folder", "train_epochs": "Epochs (instead of iterations)",
     "save_lora_name": "LoRA file name", "network_rank": "Rank (dim)", "image_num_multiply": "Image repeats",
     "sub_image_num": "Sub-images per image", "image_use_filename_as_tag": "Use file name as tag",
     "image_disable_upscale": "Don't upscale small images", "use_gradient_checkpointing": "Gradient checkpointing",
