@@ -67,6 +67,9 @@ def test_iterations_are_derived_exactly(folders):
     assert (by_steps.epochs, by_steps.iterations, by_steps.by_epochs) == (math.ceil(7 / 2), 7, False)
     assert "5 epochs x 2 steps = 10 train_iterations" in lora.prepare(s).plan.lines()[0]
     assert any(a.startswith("train_iterations:") for a in s.with_overrides(train_iterations=50).advice())
+    assert Settings.from_dict({"train_iterations": "500"}).train_epochs is None     # TrainTrain's files: steps decide
+    no_prompt = s.with_overrides(sample_every_n_epochs=1)
+    assert any(str(p).startswith("sample_prompts: sample_every_n_epochs") for p in no_prompt.problems())
 
 
 def test_a_run_with_every_option_saves_and_samples_at_epoch_ends_with_kohyas_metadata(tmp_path, folders):
