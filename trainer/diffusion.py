@@ -82,23 +82,30 @@ def snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, predicti
 
 def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    schedule: NoiseSchedule, prediction_type: str, kind: str = "MSE", snr_gamma: float = 0.0,
-                   mask: Optional[torch.Tensor] = None, options: Optional[LossOptions] = None) -> torch.Tensor:
+                   mask: Optional[torch.Tensor] = None, options: Optional[LossOptions] = None,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The standard diffusion loss against the ε or v target, min-SNR weighted, batch-averaged.
 
     ``options`` (from :func:`trainer.loss_terms.loss_options`) replaces ``kind``/``snr_gamma`` and adds
-    kohya's extras: the Huber threshold per timestep and the debiased-estimation weight."""
+    kohya's extras: the Huber threshold per timestep and the debiased-estimation weight.
+    ``weights`` [B] scales each sample's loss before the batch mean (kohya's ``loss_weights``: a reg image's
+    ``prior_loss_weight``), so a weight-0 sample contributes nothing and the others keep their scale."""
     target = schedule.target(x0, noise, t, prediction_type)
     return weighted_loss(pred, target, t, schedule, prediction_type,
-                         options or LossOptions(kind=kind, snr_gamma=snr_gamma), mask)
+                         options or LossOptions(kind=kind, snr_gamma=snr_gamma), mask, weights)
 
 
 def weighted_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
-                  prediction_type: str, options: LossOptions, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-sample loss (Huber threshold c(t) when the kind needs one), times min-SNR and debiased weights,
-    batch-averaged: kohya's order (conditional_loss → mean per sample → min-SNR → debiased → mean)."""
+                  prediction_type: str, options: LossOptions, mask: Optional[torch.Tensor] = None,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample loss (Huber threshold c(t) when the kind needs one), times min-SNR, debiased and per-sample
+    weights, batch-averaged: kohya's order (conditional_loss → loss_weights → mean per sample → min-SNR →
+    debiased → mean)."""
     c = (huber_threshold(schedule, t, options.huber_c, options.huber_schedule, options.huber_scale)
          if options.kind in HUBER_KINDS else None)
     per = loss_per_sample(pred, target, options.kind, mask, c)
+    if weights is not None:
+        per = per * weights.to(per.device, per.dtype)
     per = per * snr_weights(schedule, t, options.snr_gamma, prediction_type)
     extra = extra_weights(schedule, t, prediction_type, options)
     return (per if extra is None else per * extra.to(per.device)).mean()

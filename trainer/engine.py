@@ -171,6 +171,7 @@ class Run:
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
         self.done_phases: list[str] = []                    # passes trained to the end (saved with the state)
         self._ema = None                                    # the pass's WeightEMA while it trains (ema_decay)
+        self.epoch_steps: Optional[int] = None              # optimizer steps per epoch, for modes that have epochs
         self._pass_t0 = time.perf_counter()
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
@@ -264,6 +265,8 @@ class Run:
         }
         info.update(loss_metadata(settings))
         info.update(ema_metadata(settings))
+        if self.epoch_steps:   # kohya's ss_epoch: the epoch this file was saved in (the last one at the end)
+            info["ss_epoch"] = math.ceil(steps / self.epoch_steps) if steps > 0 else 0
         info.update(self.extra_metadata)
         info.update(extra or {})
         return info
@@ -394,6 +397,9 @@ class Run:
                                                                                      step_suffix=k)))(step))
                 if s.save_state:
                     self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
+            if self.epoch_steps and step % self.epoch_steps == 0:
+                self._epoch_end(network, s, step // self.epoch_steps, step, total, optimizer, scheduler, state,
+                                phase, loss_ema)
         if is_schedule_free(optimizer):
             optimizer.eval()   # the averaged weights are the ones to keep
         self.done_phases.append(phase)
@@ -405,6 +411,19 @@ class Run:
             ema.copy_to()
             self._ema = None
         return PassResult(step, loss_ema if loss_ema is not None else float("nan"))
+
+    def _epoch_end(self, network, s, epoch: int, step: int, total: int, optimizer, scheduler, state, phase,
+                   loss_ema) -> None:
+        """``sample_every_n_epochs`` / ``save_every_n_epochs`` at the end of epoch ``epoch`` (1-based); the last
+        epoch's file is the run's final save, named like kohya's ``NAME-EEEEEE.safetensors`` otherwise."""
+        n_sample, n_save = getattr(s, "sample_every_n_epochs", 0), getattr(s, "save_every_n_epochs", 0)
+        if n_sample and epoch % n_sample == 0:
+            self._swap_eval(optimizer, lambda: self.sample(network, step, phase))
+        if n_save and epoch % n_save == 0 and step < total:
+            self._swap_eval(optimizer, lambda: self.save(network, s, steps=step,
+                                                         name=f"{s.save_lora_name}-{epoch:06d}"))
+            if s.save_state:
+                self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
 
     def sample(self, network, step: int, phase: str = "") -> list[Path]:
         """Preview images of ``sample_prompts`` with the network at weight 1 (fixed seeds: comparable over steps)."""

@@ -578,6 +578,7 @@ _NET_MAP = {"lora": "lierla", "locon": "c3lier", "lycoris_loha": "loha", "lycori
 #: Human labels where spelling out the key (:func:`_auto_label`) does not read well.
 LABELS: dict[str, str] = {
     "model_checkpoint": "Model", "model_vae": "VAE", "lora_data_directory": "Training images folder",
+    "lora_reg_directory": "Regularisation images folder", "train_epochs": "Epochs (instead of iterations)",
     "save_lora_name": "LoRA file name", "network_rank": "Rank (dim)", "image_num_multiply": "Image repeats",
     "sub_image_num": "Sub-images per image", "image_use_filename_as_tag": "Use file name as tag",
     "image_disable_upscale": "Don't upscale small images", "use_gradient_checkpointing": "Gradient checkpointing",
@@ -722,6 +723,34 @@ FIELDS: tuple[Field, ...] = (
        "channel).", modes=(_L, _M)),
     _f("latent_cache_to_disk", "bool", False, "Keep encoded images on disk so the next run with the same "
        "images starts faster.", modes=(_L, _M)),
+    # ---- kohya's workflow: regularisation images, caption options, epochs (SPEC §16)
+    _f("lora_reg_directory", "path", "", "Folder of regularisation (class) images in N_class folders like "
+       "1_circle; each epoch holds as many reg samples as training samples (kohya). Empty = none.", modes=(_L,)),
+    _f("prior_loss_weight", "float", 1.0, "Loss weight of the regularisation images relative to the training "
+       "images (kohya's prior_loss_weight).", modes=(_L,), ge=0),
+    _f("shuffle_caption", "bool", False, "Shuffle the comma-separated tags of each caption every step (the "
+       "first keep_tokens tags stay in place).", modes=(_L,)),
+    _f("keep_tokens", "int", 0, "Number of leading tags never shuffled nor dropped (1 keeps the trigger word "
+       "first).", modes=(_L,), ge=0),
+    _f("keep_tokens_separator", "str", "", "Text marking the end of the fixed part of a caption (e.g. |||): "
+       "tags before it stay, after it are shuffled; a second one starts a fixed ending.", modes=(_L,)),
+    _f("caption_separator", "str", ",", "Separator between the tags of a caption (for shuffle and tag "
+       "dropout).", modes=(_L,), check=lambda v: None if v else "must not be empty; the usual one is ,"),
+    _f("caption_dropout_rate", "float", 0.0, "Chance that a sample is trained with an empty caption.",
+       modes=(_L,), ge=0, le=1),
+    _f("caption_dropout_every_n_epochs", "int", 0, "Train every Nth epoch with empty captions; 0 is off.",
+       modes=(_L,), ge=0),
+    _f("caption_tag_dropout_rate", "float", 0.0, "Chance that each tag (except the kept ones) is left out of "
+       "a caption, per step.", modes=(_L,), ge=0, le=1),
+    _f("caption_prefix", "str", "", "Text put before every caption (joined with a space, as kohya does).",
+       modes=(_L,)),
+    _f("caption_suffix", "str", "", "Text put after every caption (joined with a space).", modes=(_L,)),
+    _f("train_epochs", "optint", None, "Train this many epochs (passes over all images x repeats) instead of "
+       "train_iterations, which is then derived; empty = train_iterations decides.", modes=(_L,), ge=1),
+    _f("save_every_n_epochs", "int", 0, "Also save NAME-0000EE.safetensors at the end of every Nth epoch; 0 is "
+       "off.", modes=(_L,), ge=0),
+    _f("sample_every_n_epochs", "int", 0, "Draw sample images at the end of every Nth epoch; 0 is off.",
+       modes=(_L,), ge=0),
     # ---- training
     _f("train_fixed_timesteps_in_batch", "bool", False, "Use one noise level for the whole batch instead of "
        "one per sample.", second_pass=True, traintrain="train_fixed_timsteps_in_batch"),
@@ -1067,7 +1096,7 @@ class Settings:
     def advice(self) -> list[str]:
         """Settings that run but almost surely not as meant: one line each naming the field and the fix.
         Warnings, not errors (an expert may mean them); shown when a job is added and when it starts."""
-        out = _advice(self, "")
+        out = _advice(self, "") + _workflow_advice(self)
         if self.mode == _D and self.use_2nd_pass_settings:
             out += [a for a in _advice(self.for_second_pass(), _PASS2_OURS + ".")
                     if a.split(": ", 1)[1] not in {b.split(": ", 1)[1] for b in out}]
@@ -1128,7 +1157,7 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
             f"({s.train_max_timesteps}); e.g. 0 and 1000")
     if s.train_lr_scheduler == "piecewise_constant" and not s.train_lr_step_rules:
         err("train_lr_step_rules", "piecewise_constant needs rules; write e.g. 1:100,0.5:200,0.1")
-    if s.train_lr_warmup_steps >= s.train_iterations:
+    if s.train_lr_warmup_steps >= s.train_iterations and not (s.mode == _L and s.train_epochs):
         err("train_lr_warmup_steps", f"{s.train_lr_warmup_steps} must be below train_iterations "
             f"({s.train_iterations})")
     if not any(b != "BASE" for b in s.network_blocks):
@@ -1143,6 +1172,9 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
             + ", ".join(f"{n} {k}" for n, k in given.items()) + "); use 25 values for SD1/SD2 or 23 for SDXL in all")
     if s.block_lr_weight and not any(float(x) for x in s.block_lr_weight.split(",")) and "BASE" not in s.network_blocks:
         err("block_lr_weight", "every block is frozen (all 0), so nothing would be trained")
+    if s.mode == _L and s.sample_every_n_epochs > 0 and not s.sample_prompts:
+        err("sample_prompts", "sample_every_n_epochs is on but there is no prompt; add one per line or set "
+            "sample_every_n_epochs to 0")
     missing = missing_optimizer_package(s.train_optimizer)
     if missing:
         err("train_optimizer", missing)
@@ -1165,7 +1197,8 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
         err("diff_1st_pass_only", "with diff_load_1st_pass set there is no pass 1 to train; turn one of them off")
     if check_files:
         used = {f.name for f in fields_for_mode(mode)}
-        for name, is_dir in (("lora_data_directory", True), ("original_image", False), ("target_image", False),
+        for name, is_dir in (("lora_data_directory", True), ("lora_reg_directory", True),
+                             ("original_image", False), ("target_image", False),
                              ("network_resume", False), ("train_resume_state", False)):
             path = getattr(s, name)
             if name in used or name == "train_resume_state":
@@ -1184,6 +1217,22 @@ def _advice(s: Settings, prefix: str) -> list[str]:
     return [f"{prefix}{name}: {_num_text(lr)} is too low for {s.train_optimizer}, which sets its own step size "
             f"and uses the learning rate as a multiplier on it; set {name}=1 (kohya's advice)"
             for name, lr in rates if lr <= ADAPTIVE_LR_FLOOR]
+
+
+def _workflow_advice(s: Settings) -> list[str]:
+    """Epochs deciding over a changed train_iterations; a trigger word that caption options can move or drop."""
+    if s.mode != _L:
+        return []
+    out = []
+    if s.train_epochs and s.train_iterations != _BY_NAME["train_iterations"].default:
+        out.append(f"train_iterations: {s.train_iterations} is not used because train_epochs={s.train_epochs} "
+                   "decides the run's length (the steps are derived from the images and printed when the run "
+                   "starts); empty train_epochs to count in iterations")
+    if (s.lora_trigger_word and (s.shuffle_caption or s.caption_tag_dropout_rate > 0) and s.keep_tokens < 1
+            and not s.keep_tokens_separator):
+        out.append(f"keep_tokens: 0 lets shuffle_caption/caption_tag_dropout_rate move or drop the trigger word "
+                   f"{s.lora_trigger_word!r} (the first tag); set keep_tokens=1 to keep it first, as kohya users do")
+    return out
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

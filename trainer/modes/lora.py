@@ -1,13 +1,23 @@
-"""LoRA mode: the denoising loss on a captioned image folder (SPEC §4, §5).
+"""LoRA mode: the denoising loss on a captioned image folder (SPEC §4, §5, §16).
 
 Latents are encoded once before training; captions are encoded once too unless the text
-encoder is trained (BASE selected), in which case they go through it every step.
+encoder is trained (BASE selected) or a caption option changes them every step (shuffle, tag
+dropout), in which case they go through it every step. Regularisation images join the same
+sample list (loss weighted by ``prior_loss_weight``); the epoch plan decides the step count.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
 import torch
 
-from ..data import BucketBatchSampler, DatasetOptions, collate, encode_dataset, load_dataset
+from ..data import BucketBatchSampler, Dataset, DatasetOptions, collate, encode_dataset, load_dataset
+from ..data.caption_options import CaptionOptions, describe
+from ..data.epochs import EpochPlan, batches_per_epoch, plan_epochs
+from ..data.regularisation import RegImages, load_reg_images
+from ..errors import UserError
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
 from ..loss_terms import loss_options, perturbed_input_noise
 from .common import background_rgb, new_network, training
@@ -22,16 +32,51 @@ def dataset_options(s) -> DatasetOptions:
                           background=background_rgb(s.image_alpha_background), alpha_mask=s.image_masked_loss)
 
 
-def prepare(s):
-    """Model-free: find and check the images, so a bad folder fails before any model is loaded."""
-    return load_dataset(s.lora_data_directory, dataset_options(s))
+@dataclass
+class LoraInputs:
+    """What :func:`prepare` plans before any model work: the images, the reg images, the epoch plan."""
+    dataset: Dataset
+    reg: Optional[RegImages]
+    plan: EpochPlan
+
+    def __getattr__(self, name: str) -> Any:     # reads like the Dataset it wraps (report, records, ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def lines(self) -> list[str]:
+        return (self.dataset.report.lines() + (self.reg.lines() if self.reg else []) + self.plan.lines())
 
 
-def caption_conditioning(run, captions, size, cache: dict, train_te: bool) -> dict:
-    """Per-batch conditioning; cached per caption when the text encoder is frozen (SDXL: size ids per bucket)."""
+def prepare(s) -> LoraInputs:
+    """Model-free: find and check the images (and reg images), plan the epochs, so a bad folder or an
+    impossible length fails before any model is loaded; the plan is logged here, before the run."""
+    import logging
+    dataset = load_dataset(s.lora_data_directory, dataset_options(s))
+    reg = None
+    if s.lora_reg_directory:
+        reg = load_reg_images(s.lora_reg_directory, dataset.options, dataset.buckets,
+                              sum(r.repeats for r in dataset.records))
+    placements = dataset.placements + (reg.placements if reg else [])
+    plan = plan_epochs(s, batches_per_epoch([p.bucket for p in placements], [p.repeats for p in placements],
+                                            s.train_batch_size))
+    if plan.by_epochs and s.train_lr_warmup_steps >= plan.iterations:
+        raise UserError(f"train_lr_warmup_steps: {s.train_lr_warmup_steps} must be below the "
+                        f"{plan.iterations} steps that train_epochs={plan.epochs} gives")
+    for line in (reg.lines() if reg else []) + plan.lines():
+        logging.getLogger(__name__).info(line)
+    return LoraInputs(dataset, reg, plan)
+
+
+def caption_conditioning(run, captions, size, cache: Optional[dict], train_te: bool) -> dict:
+    """Per-batch conditioning; cached per caption when the text encoder is frozen (SDXL: size ids per bucket).
+    ``cache`` None: encode every step without gradients (captions that change per step)."""
     bundle = run.bundle
     if train_te:
         return run.encode_prompts(captions, size=size)
+    if cache is None:
+        with torch.no_grad():
+            return run.encode_prompts(captions, size=size)
     conds = [cache[c] for c in captions]
     out = {"context": torch.cat([c["context"] for c in conds])}
     if "y" in conds[0]:
@@ -40,49 +85,80 @@ def caption_conditioning(run, captions, size, cache: dict, train_te: bool) -> di
     return out
 
 
+def _dataset_dirs(dataset: Dataset) -> dict:
+    """kohya's ``ss_dataset_dirs``: per top folder (``10_cat``) its repeats and image count."""
+    out: dict[str, dict[str, int]] = {}
+    for r in dataset.records:
+        top = r.rel.split("/")[0] if "/" in r.rel else Path(dataset.report.folder).name
+        d = out.setdefault(top, {"n_repeats": r.repeats, "img_count": 0})
+        d["img_count"] += 1
+    return out
+
+
 def run(run, dataset=None) -> None:
     s, bundle = run.settings, run.bundle
-    dataset = dataset or prepare(s)
-    for line in dataset.report.lines():
+    inputs = dataset if isinstance(dataset, LoraInputs) else prepare(s)
+    dataset, reg, plan = inputs.dataset, inputs.reg, inputs.plan
+    if plan.iterations != s.train_iterations:   # train_epochs decided: every later use sees the derived count
+        s = run.settings = s.with_overrides(train_iterations=plan.iterations)
+    for line in inputs.lines():
         run.message(line)
+    run.epoch_steps = plan.steps_per_epoch
     cache_dir = (run.paths.log_dir / "latent_cache") if s.latent_cache_to_disk else None
-    run.message(f"encoding {len(dataset.placements)} images")
-    samples = encode_dataset(dataset.placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
+    placements = dataset.placements + (reg.placements if reg else [])
+    run.message(f"encoding {len(placements)} images")
+    samples = encode_dataset(placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
+    weights = [1.0] * len(dataset.placements) + [float(s.prior_loss_weight)] * (len(placements) - len(dataset.placements))
+    captions = CaptionOptions.from_settings(s)
     network = new_network(run, s)
     try:
         train_te = network.te_count() > 0
-        text_cache = {}
-        if not train_te:
+        text_cache: Optional[dict] = {}
+        note = describe(captions, train_te)
+        if note:
+            run.message(note)
+            text_cache = None
+        elif not train_te:
             with torch.no_grad():
-                for caption in sorted({x.caption for x in samples}):
-                    text_cache[caption] = run.encode_prompts([caption])
+                for text in sorted({t for x in samples for t in captions.cacheable_texts(x.caption)}):
+                    text_cache[text] = run.encode_prompts([text])
         sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
+        caption_gen = run.register_generator("captions", run.generator(2))
         schedule, pred_type = bundle.schedule, bundle.prediction_type
         options = loss_options(s)
 
         def loss_fn(step: int) -> torch.Tensor:
-            batch = collate(samples, next(sampler), gen)
+            indices = next(sampler)
+            batch = collate(samples, indices, gen)
+            texts = batch["captions"]
+            if captions.active:
+                texts = [captions.process(c, caption_gen, sampler.epoch + 1) for c in texts]
             x0 = batch["latents"].to(run.device)
             size = (x0.shape[-2] * 8, x0.shape[-1] * 8)
             noise = make_noise(x0, gen, s.noise_offset, s.multires_noise_iterations, s.multires_noise_discount,
                                offset_random=s.noise_offset_random_strength)
             t = sample_timesteps(x0.shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
-            cond = caption_conditioning(run, batch["captions"], size, text_cache, train_te)
+            cond = caption_conditioning(run, texts, size, text_cache, train_te)
             noise_in = perturbed_input_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength, gen)
             pred = bundle.unet_call(schedule.add_noise(x0, noise_in, t).to(bundle.dtype), t, cond)
             mask = batch["mask"].to(run.device) if (s.image_masked_loss and batch["mask"] is not None) else None
-            return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask, options=options)
+            w = torch.tensor([weights[i] for i in indices]) if reg is not None else None
+            return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask, options=options, weights=w)
 
         run.extra_metadata.update({
-            "ss_num_train_images": len(dataset.records),
+            "ss_num_train_images": sum(r.repeats for r in dataset.records),   # kohya: with repeats
             "ss_tag_frequency": dataset.tag_frequency(),
-            "ss_dataset_dirs": {str(s.lora_data_directory): {"n_repeats": 1, "img_count": len(dataset.records)}},
+            "ss_dataset_dirs": _dataset_dirs(dataset),
             "ss_resolution": str(tuple(s.image_size)),
+            "ss_num_reg_images": reg.num_reg_images if reg else 0,
+            "ss_reg_dataset_dirs": reg.dirs if reg else {},
+            "ss_prior_loss_weight": float(s.prior_loss_weight),
+            **captions.metadata(), **plan.metadata(),
         })
         with training(run, s, train_te):
-            result = run.train(loss_fn, network, state=sampler)
-        run.save(network, steps=result.steps)
+            result = run.train(loss_fn, network, s, state=sampler)
+        run.save(network, s, steps=result.steps)
     finally:
         network.remove()
