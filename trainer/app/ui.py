@@ -236,6 +236,9 @@ def build_tab(host, queue=None) -> gr.Blocks:
                 _plot_tab(tab, host, queue)
             with gr.Tab("Samples", id="samples", elem_id="shinkansen-tab-samples") as samples_tab:
                 loras = _samples_tab(host, form)
+            with gr.Tab("Tools", id="tools", elem_id="shinkansen-tab-tools"):
+                from .tools_panel import tools_tab
+                tools_tab(host)
         samples_tab.select(lambda: compat.update(choices=[""] + lora_files(host)), [], [loras])
         _live(tab, queue, host, train, qtab, loras)
     return tab
