@@ -157,10 +157,31 @@ def merge_into_checkpoint(model, sources: Sequence[Source], output, *, overwrite
     md["shinkansen_merge"] = json.dumps({"tool": "merge", "model": model.name,
                                          "loras": [s.label() for s in sources]})
     save_safetensors_atomic(new_state, output, md)
+    if copy_model_config(model, output):
+        result.lines.append(f"config: {output.with_suffix('.yaml').name} written beside it")
     tail = f"{len(changed)} of {len(state)} tensors changed; keys and dtypes as in {model.name}"
     result.lines.append(tail)
     log(tail)
     return result
+
+
+def copy_model_config(model: Path, output: Path) -> bool:
+    """Put the checkpoint's ``NAME.yaml`` (prediction type, head split, scale factor, text-encoder folder) beside
+    the output, so the merged model loads the same way; a relative text-encoder folder is made absolute."""
+    import re
+    from ..networks.file import write_file_atomic
+    src = Path(model).with_suffix(".yaml")
+    if not src.is_file():
+        return False
+    text = src.read_text(encoding="utf-8")
+
+    def absolute(m):
+        folder = src.parent / m.group(2)
+        return f"{m.group(1)}{folder.resolve()}" if not Path(m.group(2)).is_absolute() and folder.is_dir() \
+            else m.group(0)
+    text = re.sub(r"(?m)^(\s*version:\s*)([^\s#]+)\s*$", absolute, text)
+    write_file_atomic(Path(output).with_suffix(".yaml"), text.encode("utf-8"))
+    return True
 
 
 # ------------------------------------------------------------------------------------------ into one LoRA
