@@ -34,6 +34,8 @@ def test_resize_from_the_tools_tab(tmp_path):
             browser = p.chromium.launch(executable_path=str(CHROMIUM),
                                         args=["--no-sandbox", "--headless", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            frames = []      # the queue's replies, to say why if the run does not end in "saved:"
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(str(f)[:400])))
             page.goto(server.url)
             open_tab(page, "Tools")
             box = field(page, "tools-resize-lora")
@@ -42,7 +44,12 @@ def test_resize_from_the_tools_tab(tmp_path):
             set_field(page, "tools-resize-out", "mine-r2")
             set_field(page, "tools-resize-rank", 2)
             page.click("#shinkansen-tools-resize-run")
-            expect(page.locator("#shinkansen-tools-resize-message").first).to_contain_text("saved:", timeout=120_000)
+            try:
+                expect(page.locator("#shinkansen-tools-resize-message").first).to_contain_text("saved:",
+                                                                                            timeout=180_000)
+            except AssertionError:
+                done = [f for f in frames if "process_completed" in f]
+                raise AssertionError(f"no 'saved:'; completed events: {done[-3:]}; server: {server.output()[-1500:]}")
             report = field(page, "tools-resize-report").input_value()
             browser.close()
         out = root / "output" / "mine-r2.safetensors"

@@ -18,8 +18,8 @@ Rank rules (kohya ``networks/resize_lora.py``, restated; σ₁ ≥ σ₂ ≥ …
 - ``sv_cumulative X``: keep the fewest leading σᵢ whose sum reaches the fraction X of Σσ;
 - ``sv_fro X``: keep the fewest leading σᵢ whose √Σσ² reaches the fraction X of the whole ‖ΔW‖_F;
 
-always at least 1 and at most ``max_rank`` and the number of singular values; a zero matrix (σ₁ ≤ 1e-6)
-keeps rank 1.
+always at least 1 and at most ``max_rank`` and the number of singular values; a zero ΔW (σ₁ of up·down ≤ 1e-6)
+keeps rank 1 (kohya's rule; e.g. self-attention over a single token, whose q/k never learn).
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def factorize(name: str, delta: Optional[torch.Tensor], rank: Optional[int] = No
         matrix = delta.to(device=device, dtype=dtype).reshape(shape[0], -1)
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     shape = tuple(shape)
-    k = choose_rank(S, rank, rule, param, max_rank)
+    k = choose_rank(S / scale, rank, rule, param, max_rank)   # kohya tests σ₁ of up·down, before the scale
     S2 = S.double() ** 2
     total = float(S2.sum())
     kept = float(S2[:k].sum())
