@@ -287,7 +287,7 @@ def test_cli_resize_prints_each_module(locon, work, capsys):
     out = work / "cli-r1.safetensors"
     assert cli(["resize", str(locon), "-o", str(out), "--rank", "1"]) == 0
     text = capsys.readouterr().out
-    assert f"saved: {out}" in text and text.count("fro kept") == len(D.read_lora(locon)[0])
+    assert f"saved: {out}" in text and text.count("→1 ") == len(D.read_lora(locon)[0]) and "mean fro kept" in text
     assert out.is_file()
 
 

@@ -54,7 +54,7 @@ def test_resize_from_the_tools_tab(tmp_path):
             browser.close()
         out = root / "output" / "mine-r2.safetensors"
         assert out.is_file()
-        assert report.count("fro kept") == len(net.adapters) and "rank 4→2" in report
+        assert report.count("rank 4→2") == len(net.adapters) and "mean fro kept" in report
         info = inspect(out)
         assert info["unmatched_modules"] == [] and info["ranks"] == {2: len(net.adapters)}
         assert all(m.rank == 2 for m in D.read_lora(out)[0].values())
