@@ -168,7 +168,9 @@ def test_resized_lora_draws_the_same_colours(bundle, trained, work):
     from trainer.world.judge import judge
     out = work / "zq-fro95.safetensors"
     result = resize(trained, out, dynamic="sv_fro", param=0.95, overwrite=True)
-    assert min(result.fro_kept.values()) >= 0.95
+    norms = {n: float(d.norm()) for n, d in deltas(trained).items()}
+    # every module keeps ≥ 95 % of its norm, except the untrained ones kohya's rule keeps at rank 1 (ΔW ≈ 0)
+    assert all(f >= 0.95 or norms[n] < 1e-6 for n, f in result.fro_kept.items())
     mean_rank = np.mean([new for _, new in result.ranks.values()])
     assert mean_rank < 8
     colours = {}
