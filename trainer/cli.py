@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
     sub.add_parser("inspect", help="JSON report of a LoRA file: keys, modules per block, norms, metadata")
+    sub.add_parser("resize", help="LoRA tools: re-factor a LoRA to a lower rank by SVD (fixed or sv_* rules)")
+    sub.add_parser("merge", help="LoRA tools: LoRAs into a checkpoint, or several LoRAs into one")
+    sub.add_parser("extract", help="LoRA tools: a LoRA from the difference of two checkpoints")
     sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
     from .app.server import add_serve_args
@@ -229,6 +232,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 COMMANDS["caption"], PASS_THROUGH["caption"] = cmd_caption, "caption_args"
+
+
+def _lora_tool(name: str):
+    """``resize``/``merge``/``extract``: each tool module parses its own arguments (trainer/tools)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return importlib.import_module(f".tools.{name}", __package__).main(getattr(args, f"{name}_args"))
+    return run
+
+
+for _tool in ("resize", "merge", "extract"):
+    COMMANDS[_tool] = _lora_tool(_tool)
+    PASS_THROUGH[_tool] = f"{_tool}_args"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,9 @@ def build_tab(host, queue=None) -> gr.Blocks:
                 loras = _samples_tab(host, form)
             from .caption_panel import add_tab as add_caption_tab
             add_caption_tab(host)
+            with gr.Tab("Tools", id="tools", elem_id="shinkansen-tab-tools"):
+                from .tools_panel import tools_tab
+                tools_tab(host)
         samples_tab.select(lambda: compat.update(choices=[""] + lora_files(host)), [], [loras])
         _live(tab, queue, host, train, qtab, loras)
     return tab
