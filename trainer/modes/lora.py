@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..data import BucketBatchSampler, DatasetOptions, collate, encode_dataset, load_dataset
+from ..data.holdout import plan_holdout, split
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
 from .common import background_rgb, new_network, training
 
@@ -23,7 +24,9 @@ def dataset_options(s) -> DatasetOptions:
 
 def prepare(s):
     """Model-free: find and check the images, so a bad folder fails before any model is loaded."""
-    return load_dataset(s.lora_data_directory, dataset_options(s))
+    dataset = load_dataset(s.lora_data_directory, dataset_options(s))
+    dataset.holdout = plan_holdout(dataset, dataset_options(s), s.validation_split, s.validation_directory)
+    return dataset
 
 
 def caption_conditioning(run, captions, size, cache: dict, train_te: bool) -> dict:
@@ -45,15 +48,24 @@ def run(run, dataset=None) -> None:
     for line in dataset.report.lines():
         run.message(line)
     cache_dir = (run.paths.log_dir / "latent_cache") if s.latent_cache_to_disk else None
-    run.message(f"encoding {len(dataset.placements)} images")
-    samples = encode_dataset(dataset.placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
+    holdout = getattr(dataset, "holdout", None) or plan_holdout(dataset, dataset.options, s.validation_split,
+                                                                s.validation_directory)
+    val_seed = s.validation_seed if s.validation_seed is not None else run.seed
+    placements, val_placements = split(dataset, holdout, val_seed)
+    if val_placements:
+        source = s.validation_directory or f"held out of the training images ({s.validation_split:g})"
+        run.message(f"validation: {len(val_placements)} image(s), {source}")
+    run.message(f"encoding {len(placements) + len(val_placements)} images")
+    samples = encode_dataset(placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
+    val_samples = encode_dataset(val_placements, bundle, batch_size=max(1, s.train_batch_size),
+                                 cache_dir=cache_dir) if val_placements else []
     network = new_network(run, s)
     try:
         train_te = network.te_count() > 0
         text_cache = {}
         if not train_te:
             with torch.no_grad():
-                for caption in sorted({x.caption for x in samples}):
+                for caption in sorted({x.caption for x in [*samples, *val_samples]}):
                     text_cache[caption] = run.encode_prompts([caption])
         sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
@@ -72,14 +84,42 @@ def run(run, dataset=None) -> None:
             return denoising_loss(pred, x0, noise, t, schedule, pred_type, s.train_loss_function,
                                   s.train_snr_gamma, mask)
 
+        validate = None
+        if val_samples:
+            validate = validator(run, s, val_samples, network, text_cache, train_te, val_seed)
+        train_images = len({p.record.rel for p in placements})
         run.extra_metadata.update({
-            "ss_num_train_images": len(dataset.records),
+            "ss_num_train_images": train_images,
             "ss_tag_frequency": dataset.tag_frequency(),
-            "ss_dataset_dirs": {str(s.lora_data_directory): {"n_repeats": 1, "img_count": len(dataset.records)}},
+            "ss_dataset_dirs": {str(s.lora_data_directory): {"n_repeats": 1, "img_count": train_images}},
             "ss_resolution": str(tuple(s.image_size)),
         })
+        if validate is not None:   # kohya's keys (train_network.py), ours for the folder
+            run.extra_metadata.update({"ss_validation_split": s.validation_split, "ss_validation_seed": val_seed,
+                                       "ss_validate_every_n_steps": s.validate_every_n_steps,
+                                       "ss_num_validation_images": len(val_samples)})
+            if s.validation_directory:
+                run.extra_metadata["shinkansen_validation_directory"] = str(s.validation_directory)
         with training(run, s, train_te):
-            result = run.train(loss_fn, network, state=sampler)
+            result = run.train(loss_fn, network, state=sampler, validate=validate)
         run.save(network, steps=result.steps)
     finally:
         network.remove()
+
+
+def validator(run, s, val_samples, network, text_cache: dict, train_te: bool, seed: int):
+    """The validation loss of ``val_samples``: the training objective at fixed timesteps and noise."""
+    from ..validation import Validator, fixed_timesteps
+    bundle = run.bundle
+    schedule, pred_type = bundle.schedule, bundle.prediction_type
+
+    def objective(x0, noise, t, captions, mask):
+        size = (x0.shape[-2] * 8, x0.shape[-1] * 8)
+        cond = caption_conditioning(run, captions, size, text_cache, train_te)
+        pred = bundle.unet_call(schedule.add_noise(x0, noise, t).to(bundle.dtype), t, cond)
+        return denoising_loss(pred, x0, noise, t, schedule, pred_type, s.train_loss_function, s.train_snr_gamma,
+                              mask if s.image_masked_loss else None)
+
+    return Validator(val_samples, objective, seed=seed, device=run.device,
+                     timesteps=fixed_timesteps(s.train_min_timesteps, s.train_max_timesteps),
+                     modules=[bundle.unet, *bundle.text_encoders, network])
