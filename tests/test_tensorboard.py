@@ -15,7 +15,7 @@ from trainer.world import toy
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="tensorboard is a test requirement (requirements-test.txt)")
 
-BASE = dict(mode="LoRA", image_size=(64, 64), image_buckets_step=64, image_min_length=64, train_iterations=6,
+BASE = dict(mode="LoRA", image_size=(64, 64), image_buckets_step=64, image_min_length=64, train_iterations=4,
             train_batch_size=2, network_rank=4, network_alpha=4, train_seed=3, train_learning_rate=1e-3,
             train_lr_scheduler="constant", log_with="tensorboard")
 
@@ -44,7 +44,7 @@ def _steps(acc, tag):
 
 def test_event_files_hold_loss_validation_lr_and_samples(tmp_path, dataset):
     s = Settings.from_dict({**BASE, "lora_data_directory": str(dataset), "validation_split": 0.34,
-                            "validate_every_n_steps": 2, "sample_every_n_steps": 3,
+                            "validate_every_n_steps": 2, "sample_every_n_steps": 4,
                             "sample_prompts": ["a red circle", "a blue square"], "network_blocks": "BASE,IN01,OUT08",
                             "train_textencoder_learning_rate": 5e-4, "save_lora_name": "tb"})
     result = _run(tmp_path, s)
@@ -54,8 +54,8 @@ def test_event_files_hold_loss_validation_lr_and_samples(tmp_path, dataset):
     tags = acc.Tags()
     assert set(tags["scalars"]) == {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/validation"}
     for tag in ("loss/current", "loss/average", "lr/unet", "lr/textencoder"):
-        assert _steps(acc, tag) == [1, 2, 3, 4, 5, 6], tag
-    assert _steps(acc, "loss/validation") == [2, 4, 6]
+        assert _steps(acc, tag) == [1, 2, 3, 4], tag
+    assert _steps(acc, "loss/validation") == [2, 4]
     from trainer.app.plot import read_loss_csv
     series = read_loss_csv(result.csv)
     assert [e.value for e in acc.Scalars("loss/current")] == pytest.approx(series.loss, rel=1e-5)
@@ -65,7 +65,7 @@ def test_event_files_hold_loss_validation_lr_and_samples(tmp_path, dataset):
     assert sorted(tags["images"]) == ["samples/prompt_0", "samples/prompt_1"]
     for tag in tags["images"]:
         images = acc.Images(tag)
-        assert [e.step for e in images] == [3, 6]
+        assert [e.step for e in images] == [4]
         assert (images[0].width, images[0].height) == (64, 64)
 
 
@@ -75,7 +75,7 @@ def test_a_resumed_run_continues_its_event_files_without_duplicates(tmp_path, da
     stop = StopRequest()
     from trainer.events import StepEvent
 
-    bus = EventBus([lambda e: stop.request("stop") if isinstance(e, StepEvent) and e.step == 4 else None])
+    bus = EventBus([lambda e: stop.request("stop") if isinstance(e, StepEvent) and e.step == 2 else None])
     part = run_job(s, lora_dir=tmp_path / "out", bundle=random_tiny_bundle(seed=0, device="cpu"), events=bus,
                    stop=stop, log_dir=tmp_path / "logs", json_dir=tmp_path / "json")
     assert part.status == "stopped"
@@ -83,7 +83,7 @@ def test_a_resumed_run_continues_its_event_files_without_duplicates(tmp_path, da
     resumed = _run(tmp_path, s.with_overrides(train_resume_state=str(state)))
     assert resumed.csv == part.csv
     acc = _read(resumed.csv.with_suffix("") / "tensorboard")
-    assert _steps(acc, "loss/current") == [1, 2, 3, 4, 5, 6]
+    assert _steps(acc, "loss/current") == [1, 2, 3, 4]
 
 
 def test_without_the_package_it_is_one_line_before_the_model_loads(tmp_path, dataset, monkeypatch):

@@ -19,7 +19,7 @@ from trainer.events import ConsoleProgress, CsvLogger, EventBus, RunEvent, StepE
 from trainer.models.loader import DEFAULT_MODEL, random_tiny_bundle
 from trainer.networks import load_lora
 from trainer.runner import run_job
-from trainer.settings import Settings
+from trainer.settings import BLOCKS_SD, Settings
 from trainer.validation import fixed_timesteps
 from trainer.world import toy
 
@@ -142,6 +142,9 @@ def test_a_run_prints_writes_and_stores_the_validation_loss(tmp_path, dataset):
     result, rec = _job(tmp_path, s, console=ConsoleProgress(stream))
     vals = {e.step: e.val_loss for e in rec.steps if e.val_loss is not None}
     assert sorted(vals) == [2, 4, 6]
+    again, _ = _job(tmp_path / "again", s)                   # same seed: the very same curve (from the CSVs)
+    assert read_loss_csv(again.csv).val_loss == read_loss_csv(result.csv).val_loss
+    assert len(set(vals.values())) == 3                      # and it moves with the LoRA
     printed = [m for k, m, _ in rec.messages if k == "validation"]
     assert printed == [f"step {k}: validation loss {v:.4f}" for k, v in vals.items()]
     assert all(line in stream.getvalue() for line in printed)
@@ -176,20 +179,21 @@ pytest_tiny = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"embedded 
 
 
 @pytest_tiny
-def test_validation_loss_falls_while_a_lora_learns_and_repeats_exactly(tmp_path):
+def test_validation_loss_falls_while_a_lora_learns(tmp_path):
     """Held-out orange circles captioned "zq": the base model cannot draw them from "zq", the LoRA learns to,
-    and the loss on images it never saw falls. Two runs with the same seed give the very same curve."""
+    and the loss on images it never saw falls at every measurement (the training loss only wanders)."""
     toy.make_dataset(tmp_path / "data", 16, seed=0, caption="zq", shape="circle", color="orange")
-    s = demo_settings(tmp_path / "data", 60, "zq", seed=0).with_overrides(
-        validation_split=0.25, validate_every_n_steps=10, train_lr_scheduler="constant")
-    curves = []
-    for run in ("a", "b"):
-        result = run_job(s, lora_dir=tmp_path / run, log_dir=tmp_path / run / "logs", events=EventBus())
-        series = read_loss_csv(result.csv)
-        curves.append(list(zip(series.val_steps, series.val_loss)))
-    print(f"\nvalidation loss by step: {curves[0]}")
-    assert curves[0] == curves[1]                                   # exact, from the CSVs
-    steps, values = zip(*curves[0])
-    assert steps == (10, 20, 30, 40, 50, 60)
-    assert values[-1] < 0.9 * values[0], values                    # clearly lower at the end
-    assert min(values[3:]) < min(values[:3]), values
+    s = demo_settings(tmp_path / "data", 30, "zq", seed=0).with_overrides(
+        validation_split=0.25, validate_every_n_steps=10, train_lr_scheduler="constant",
+        network_blocks=[b for b in BLOCKS_SD if b != "BASE"])
+    stream = io.StringIO()
+    result = run_job(s, lora_dir=tmp_path / "out", log_dir=tmp_path / "logs", events=EventBus([ConsoleProgress(stream)]))
+    series = read_loss_csv(result.csv)
+    print(f"\nvalidation loss by step: {list(zip(series.val_steps, series.val_loss))}")
+    assert series.val_steps == [10, 20, 30]
+    for step, value in zip(series.val_steps, series.val_loss):
+        assert f"step {step}: validation loss {value:.4f}" in stream.getvalue()          # printed
+    values = series.val_loss
+    assert all(b < a for a, b in zip(values, values[1:])), values
+    assert values[-1] < 0.95 * values[0], values
+    assert legend_labels(figure([series]))[-1] == f"{series.name} validation"           # plotted
