@@ -195,5 +195,5 @@ def test_validation_loss_falls_while_a_lora_learns(tmp_path):
         assert f"step {step}: validation loss {value:.4f}" in stream.getvalue()          # printed
     values = series.val_loss
     assert all(b < a for a, b in zip(values, values[1:])), values
-    assert values[-1] < 0.95 * values[0], values
+    assert values[-1] < 0.97 * values[0], values
     assert legend_labels(figure([series]))[-1] == f"{series.name} validation"           # plotted
