@@ -168,6 +168,7 @@ class Run:
         self.extra_metadata: dict = {}
         self.csv: Optional[CsvLogger] = None
         self.csv_path: Optional[Path] = None
+        self.tensorboard = None                             # TensorBoardLogger when log_with is tensorboard
         self.generators: dict[str, torch.Generator] = {}   # saved with the training state
         self.done_phases: list[str] = []                    # passes trained to the end (saved with the state)
         self._ema = None                                    # the pass's WeightEMA while it trains (ema_decay)
@@ -207,14 +208,15 @@ class Run:
     def output_path(self, name: Optional[str] = None, step: Optional[int] = None) -> Path:
         return self.paths.lora(name or self.settings.save_lora_name, step)
 
-    def open_csv(self, with_te_lr: bool) -> None:
+    def open_csv(self, with_te_lr: bool, with_val: bool = False) -> None:
         """A new loss CSV for a new run; a resumed run continues the CSV its state names (one series)."""
         if not self.settings.logging_save_csv or self.csv is not None:
             return
         resumed = Path(self.resume_state["csv"]) if (self.resume_state or {}).get("csv") else None
         if resumed is not None and resumed.is_file():
             self.csv_path = resumed
-            self.csv = CsvLogger(resumed, with_te_lr, keep_rows=int(self.resume_state.get("csv_rows") or 0))
+            self.csv = CsvLogger(resumed, with_te_lr, keep_rows=int(self.resume_state.get("csv_rows") or 0),
+                                 with_val=with_val)
             self.events.subscribe(self.csv)
             self.message(f"continuing the loss CSV {resumed}")
             return
@@ -224,8 +226,20 @@ class Run:
         while self.csv_path.exists():   # two runs of one name in the same second (a quick stop and resume)
             n += 1
             self.csv_path = folder / f"{stem}-{n}.csv"
-        self.csv = CsvLogger(self.csv_path, with_te_lr)
+        self.csv = CsvLogger(self.csv_path, with_te_lr, with_val=with_val)
         self.events.subscribe(self.csv)
+
+    def open_tensorboard(self, start_step: int = 0) -> None:
+        """``log_with tensorboard``: event files in ``logs/DATE/NAME-TIME/tensorboard`` (the CSV's name without
+        ``.csv``; a resumed run continues its folder, dropping what was logged after its state)."""
+        if self.settings.log_with != "tensorboard" or self.tensorboard is not None:
+            return
+        from .tblog import TensorBoardLogger
+        stem = self.csv_path.with_suffix("") if self.csv_path is not None else \
+            self.paths.log_dir / self.started.strftime("%Y%m%d") / f"{self.settings.save_lora_name}-{self.stamp}"
+        self.tensorboard = TensorBoardLogger(stem / "tensorboard", purge_step=start_step + 1 if start_step else None)
+        self.events.subscribe(self.tensorboard)
+        self.message(f"TensorBoard event files: {self.tensorboard.folder}")
 
     # ------------------------------------------------------------------ metadata and saving
     def metadata(self, settings: Settings, network, steps: int, extra: Optional[dict] = None) -> dict:
@@ -308,11 +322,14 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def train(self, loss_fn: Callable[[int], torch.Tensor], network, settings: Optional[Settings] = None, *,
-              phase: str = "", state: Any = None, on_save: Optional[Callable[[int], None]] = None) -> PassResult:
+              phase: str = "", state: Any = None, on_save: Optional[Callable[[int], None]] = None,
+              validate: Optional[Callable[[], float]] = None) -> PassResult:
         """Run ``train_iterations`` optimizer steps of ``loss_fn`` on ``network``'s parameters.
 
         ``state`` is an object with ``state_dict``/``load_state_dict`` (e.g. the batch sampler) that joins
         the resumable training state. ``on_save(step)`` is called for periodic saves (default: save the LoRA).
+        ``validate()`` returns the validation loss; it runs every ``validate_every_n_steps`` and after the last
+        step, and its value joins that step's event (CSV, UI, TensorBoard).
         """
         s = settings or self.settings
         te_lr = s.train_textencoder_learning_rate
@@ -326,7 +343,7 @@ class Run:
         params = [p for g in groups for p in g["params"]]
         ema = self._ema = make_ema(s, params)
         has_te = any(g.get("name") == "text_encoder" for g in groups)
-        self.open_csv(with_te_lr=has_te)
+        self.open_csv(with_te_lr=has_te, with_val=validate is not None)
         model_dtype = self.precision("train_model_precision", s)
         autocast = (torch.autocast(self.device.type, dtype=model_dtype)
                     if self.device.type == "cuda" and model_dtype != torch.float32 else None)
@@ -337,6 +354,7 @@ class Run:
         if resume_path is not None:
             start_step, loss_ema, elapsed = self._load_state(resume_path, network, optimizer, scheduler, state,
                                                              phase)
+        self.open_tensorboard(start_step)
         if is_schedule_free(optimizer):
             optimizer.train()
         if self.csv is not None:   # a pass the resumed state had finished re-runs; its rows are in the CSV
@@ -387,9 +405,13 @@ class Run:
             names = [g.get("name") for g in optimizer.param_groups]
             lr_te = lrs[names.index("text_encoder")] if "text_encoder" in names else None
             lr_unet = lrs[names.index("unet")] if "unet" in names else lrs[0]
+            val_loss = None
+            if validate is not None and (step == total or (s.validate_every_n_steps
+                                                            and step % s.validate_every_n_steps == 0)):
+                val_loss = self._validate(validate, optimizer, step, phase, autocast)
             self.events.emit(StepEvent(step, total, loss_value, loss_ema, lr_unet, lr_te, rate,
                                        (total - step) / max(rate, 1e-9), now - t0,
-                                       peak_memory_mb(self.device), phase))
+                                       peak_memory_mb(self.device), phase, val_loss=val_loss))
             if s.sample_every_n_steps and step % s.sample_every_n_steps == 0:
                 self._swap_eval(optimizer, lambda: self.sample(network, step, phase))
             if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < total:
@@ -453,7 +475,7 @@ class Run:
             self.events.emit(RunEvent("sample", prompts[i], path=str(path), data={"step": step}))
         return paths
 
-    def _swap_eval(self, optimizer, fn: Callable[[], Any]) -> None:
+    def _swap_eval(self, optimizer, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (a save or a sample) on the weights that are the product: schedule-free's averaged
         ones, and the EMA when ``ema_decay`` is on."""
         if self._ema is not None:
@@ -461,11 +483,25 @@ class Run:
         if is_schedule_free(optimizer):
             optimizer.eval()
             try:
-                fn()
+                return fn()
             finally:
                 optimizer.train()
         else:
-            fn()
+            return fn()
+
+    def _validate(self, validate: Callable[[], float], optimizer, step: int, phase: str, autocast=None) -> float:
+        """The validation loss at ``step`` (schedule-free: of the averaged weights, the ones that get saved),
+        under the training's autocast."""
+        def measure() -> float:
+            if autocast is None:
+                return float(validate())
+            with autocast:
+                return float(validate())
+        value = self._swap_eval(optimizer, measure)
+        where = f"{phase} " if phase else ""
+        self.events.emit(RunEvent("validation", f"{where}step {step}: validation loss {value:.4f}",
+                                  data={"step": step, "val_loss": value, "phase": phase}))
+        return value
 
     def _stop(self, network, s, step, optimizer, scheduler, state, phase, loss_ema) -> PassResult:
         if self.stop.mode == "save":

@@ -29,6 +29,7 @@ class StepEvent:
     elapsed_s: float
     peak_memory_mb: float     # peak RSS on CPU, peak allocated on CUDA
     phase: str = ""           # e.g. "pass 1" / "pass 2" for Difference
+    val_loss: Optional[float] = None   # the validation loss, on the steps it was measured
 
 
 @dataclass
@@ -121,24 +122,27 @@ def keep_csv_rows(path: Path, rows: int) -> None:
 
 
 class CsvLogger:
-    """``step,loss,loss_ema,lr[,lr_te],elapsed_s``; each row one ``write`` on an append-mode descriptor,
-    so a crash leaves whole rows only (a reader drops an unterminated last line).
+    """``step,loss,loss_ema,lr[,lr_te],elapsed_s[,val_loss]``; each row one ``write`` on an append-mode
+    descriptor, so a crash leaves whole rows only (a reader drops an unterminated last line).
+    ``val_loss`` (``with_val``) is last so older readers find every other column where it was; it is
+    empty on the steps without a validation.
 
     ``keep_rows`` continues an existing CSV after its first ``keep_rows`` rows (a resumed run);
     ``rows`` counts the rows in the file, ``muted`` skips rows that are already there (a pass re-run).
     """
 
-    def __init__(self, path: Path, with_te_lr: bool, keep_rows: Optional[int] = None):
+    def __init__(self, path: Path, with_te_lr: bool, keep_rows: Optional[int] = None, with_val: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.with_te_lr = with_te_lr
+        self.with_te_lr, self.with_val = with_te_lr, with_val
         self.rows, self.muted = 0, False
         if keep_rows is not None and self.path.is_file():
             keep_csv_rows(self.path, keep_rows)
             self.rows = max(0, self.path.read_text(encoding="utf-8", errors="replace").count("\n") - 1)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if os.fstat(self._fd).st_size == 0:
-            header = "step,loss,loss_ema,lr" + (",lr_te" if with_te_lr else "") + ",elapsed_s\n"
+            header = ("step,loss,loss_ema,lr" + (",lr_te" if with_te_lr else "") + ",elapsed_s"
+                      + (",val_loss" if with_val else "") + "\n")
             os.write(self._fd, header.encode())
 
     def __call__(self, event: object) -> None:
@@ -148,6 +152,8 @@ class CsvLogger:
         if self.with_te_lr:
             row.append(f"{(event.lr_te if event.lr_te is not None else event.lr):.6g}")
         row.append(f"{event.elapsed_s:.2f}")
+        if self.with_val:
+            row.append(f"{event.val_loss:.6g}" if event.val_loss is not None else "")
         try:
             os.write(self._fd, (",".join(row) + "\n").encode())
         except OSError as e:   # a full disk: one line, no traceback; the run goes on and its save reports it

@@ -124,6 +124,8 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     finally:
         if run.csv is not None:
             run.csv.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     json_path = None
     if settings.save_as_json:
         try:

@@ -839,6 +839,20 @@ FIELDS: tuple[Field, ...] = (
     _f("logging_verbose", "bool", False, "Print detailed progress to the console.", traintrain="logging_verbose"),
     _f("sample_every_n_steps", "int", 0, "Draw sample images every this many steps; 0 is off.", ge=0),
     _f("sample_prompts", "lines", (), "Prompts for the sample images, one per line."),
+    # ---- validation loss and TensorBoard (SPEC §16; kohya's names)
+    _f("validation_split", "float", 0.0, "Fraction of the training images held out to measure a validation "
+       "loss (never trained on; the same images for the same seed); 0 is off.", modes=(_L,), ge=0,
+       check=lambda v: None if v < 1 else f"{v!r} holds out every image; enter a fraction below 1 (e.g. 0.1)"),
+    _f("validation_directory", "path", "", "Folder of validation images with captions, like the training "
+       "folder (instead of validation_split); empty for none.", modes=(_L,)),
+    _f("validate_every_n_steps", "int", 0, "Measure the validation loss every this many steps (and after the "
+       "last); 0 = after the last step only.", modes=(_L,), ge=0),
+    _f("validation_seed", "optint", None, "Seed of the held-out choice and of the validation noise; empty uses "
+       "train_seed.", modes=(_L,), ge=0),
+    _f("log_with", "choice", "none", "tensorboard: also write TensorBoard event files (loss, validation loss, "
+       "learning rates, sample images) to logs/DATE/NAME-TIME/tensorboard (pip install tensorboard).",
+       choices=("none", "tensorboard"), refused={"wandb": "Weights & Biases logging is not supported; use "
+                                                           "tensorboard", "all": "use tensorboard"}),
     # ---- ADDifT / Multi-ADDifT
     _f("diff_multiplier", "float", 0.25, "LoRA weight used while training the difference (the slider is "
        "trained at +/- this value).", modes=(_A, _M), gt=0, le=4),
@@ -1178,6 +1192,17 @@ def _run_problems(s: Settings, prefix: str, check_files: bool, pass2_only: bool 
     missing = missing_optimizer_package(s.train_optimizer)
     if missing:
         err("train_optimizer", missing)
+    if s.mode == _L and s.validation_split > 0 and s.validation_directory:
+        err("validation_split", "set validation_split or validation_directory, not both")
+    if s.mode == _L and s.validate_every_n_steps > 0 and not (s.validation_split > 0 or s.validation_directory):
+        err("validate_every_n_steps", "there are no validation images; set validation_split (e.g. 0.1) or "
+            "validation_directory, or set validate_every_n_steps to 0")
+    if check_files and s.mode == _L and s.validation_directory and not Path(s.validation_directory).is_dir():
+        err("validation_directory", f"folder not found: {s.validation_directory}")
+    if s.log_with == "tensorboard":
+        from .tblog import missing_tensorboard
+        if missing_tensorboard():
+            err("log_with", missing_tensorboard())
     if pass2_only:
         return errs
     mode = s.mode

@@ -132,6 +132,8 @@ class Progress:
     loss: Optional[float] = None
     loss_ema: Optional[float] = None
     lr: Optional[float] = None
+    val_loss: Optional[float] = None       # the latest validation loss, measured at step val_step
+    val_step: Optional[int] = None
     it_per_s: float = 0.0
     eta_s: float = 0.0
     elapsed_s: float = 0.0
@@ -170,6 +172,8 @@ class ProgressTracker:
                 p.step, p.total, p.loss, p.loss_ema, p.lr = event.step, event.total, event.loss, event.loss_ema, event.lr
                 p.it_per_s, p.eta_s, p.elapsed_s = event.it_per_s, event.eta_s, event.elapsed_s
                 p.peak_memory_mb, p.phase = event.peak_memory_mb, event.phase or "training"
+                if event.val_loss is not None:
+                    p.val_loss, p.val_step = event.val_loss, event.step
                 if p.csv is None:
                     p.csv = self._find_csv(p.name)
             elif isinstance(event, RunEvent):

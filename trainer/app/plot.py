@@ -1,6 +1,7 @@
-"""Loss CSVs → a matplotlib figure: raw loss (faint), its EMA, and the learning rate on a second axis.
+"""Loss CSVs → a matplotlib figure: raw loss (faint), its EMA, the validation loss (dots joined by a
+dotted line, on the steps it was measured) and the learning rate on a second axis.
 
-Reads our CSV (``step,loss,loss_ema,lr[,lr_te],elapsed_s``) and TrainTrain's (a ``key,value``
+Reads our CSV (``step,loss,loss_ema,lr[,lr_te],elapsed_s[,val_loss]``) and TrainTrain's (a ``key,value``
 preamble, then ``Step,Loss,Learning Rate 1[,Learning Rate 2…]``: one LR column per optimizer
 param group, the text encoder's first when it is trained, so the UNet's is the last; its
 ``Loss`` is already its EMA, so it is drawn as the smoothed curve and not smoothed again).
@@ -25,6 +26,8 @@ class Series:
     loss: list = field(default_factory=list)
     lr: list = field(default_factory=list)
     loss_is_ema: bool = False        # TrainTrain writes its EMA as "Loss": there is no raw loss to smooth
+    val_steps: list = field(default_factory=list)   # steps with a validation loss (a sparse column)
+    val_loss: list = field(default_factory=list)
 
     def ema(self, alpha: float = 0.1) -> list:
         if self.loss_is_ema:
@@ -62,6 +65,7 @@ def read_loss_csv(path: Path) -> Series:
         raise UserError(f"{path}: not a loss CSV (no loss column)") from None
     tt_lr_columns = [i for i, h in enumerate(header) if re.fullmatch(r"learning[ _]rate(\s*\d+)?", h)]
     i_lr = header.index("lr") if "lr" in header else (tt_lr_columns[-1] if tt_lr_columns else None)
+    i_val = header.index("val_loss") if "val_loss" in header else None
     series = Series(path.stem, loss_is_ema=bool(tt_lr_columns) and "loss_ema" not in header)
     for row in rows[header_at + 1:]:
         if len(row) <= max(i_step, i_loss):
@@ -72,6 +76,10 @@ def read_loss_csv(path: Path) -> Series:
         series.steps.append(int(step))
         series.loss.append(loss)
         series.lr.append(_float(row[i_lr]) if i_lr is not None and i_lr < len(row) else None)
+        val = _float(row[i_val]) if i_val is not None and i_val < len(row) else None
+        if val is not None:
+            series.val_steps.append(int(step))
+            series.val_loss.append(val)
     return series
 
 
@@ -80,8 +88,14 @@ def has_data(series: Sequence[Series]) -> bool:
     return any(s.steps for s in series)
 
 
+def legend_labels(fig) -> list[str]:
+    """The series names in a figure's legend (what the Plot tab lists under the plot)."""
+    legend = fig.axes[0].get_legend() if fig.axes else None
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
+
+
 def figure(series: Sequence[Series], title: str = ""):
-    """One figure: each run's raw loss faint, its EMA solid, LR dashed on the right axis."""
+    """One figure: each run's raw loss faint, its EMA solid, validation dotted, LR dashed on the right axis."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -97,11 +111,14 @@ def figure(series: Sequence[Series], title: str = ""):
         if not s.loss_is_ema:
             ax.plot(s.steps, s.loss, color=c, alpha=0.25, linewidth=0.8)
         ax.plot(s.steps, s.ema(), color=c, linewidth=1.8, label=s.name)
+        if s.val_steps:
+            ax.plot(s.val_steps, s.val_loss, color=c, linestyle=":", marker="o", markersize=4, linewidth=1.2,
+                    label=f"{s.name} validation")
         lr = [(x, y) for x, y in zip(s.steps, s.lr) if y is not None]
         if lr:
             ax_lr.plot([x for x, _ in lr], [y for _, y in lr], color=c, linestyle="--", linewidth=1.0, alpha=0.7)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (EMA solid, raw faint)")
+    ax.set_ylabel("loss (EMA solid, raw faint, validation dotted)")
     ax_lr.set_ylabel("learning rate (dashed)")
     if series:
         ax.legend(loc="upper right", fontsize=8)
@@ -143,4 +160,4 @@ def run_in_logs(logs_dir: Path, name: str) -> Path:
 def series_dict(series: Series) -> dict:
     """JSON form of a run for the HTTP API: steps, raw loss, its EMA and the LR."""
     return {"name": series.name, "steps": series.steps, "loss": series.loss, "loss_ema": series.ema(),
-            "lr": series.lr}
+            "lr": series.lr, "val_steps": series.val_steps, "val_loss": series.val_loss}

@@ -21,7 +21,7 @@ import gradio as gr
 
 from . import compat
 from ..errors import UserError
-from .plot import figure, has_data, list_runs, read_loss_csv, run_in_logs
+from .plot import figure, has_data, legend_labels, list_runs, read_loss_csv, run_in_logs
 from ..presets import list_presets, load_preset, save_preset
 from ..settings import FIELDS, IMAGE_FIELDS, MODES, Field, Settings, second_pass_fields
 from .views import message_html, native_size_html, progress_html, queue_html, sample_items
@@ -497,9 +497,17 @@ def _plot_tab(tab, host, queue) -> None:
         if not has_data(series):
             names = ", ".join(s.name for s in series)
             return None, message_html(f"no data yet: {names} has not logged a step so far"), stamp
-        text = " · ".join(f'<span class="shinkansen-run" data-steps="{len(s.steps)}">{s.name}: {len(s.steps)} steps'
-                          f'{f", last loss {s.loss[-1]:.4f}" if s.loss else ""}</span>' for s in series)
-        return figure(series), text, stamp
+        text = " · ".join(f'<span class="shinkansen-run" data-steps="{len(s.steps)}" '
+                          f'data-val-points="{len(s.val_steps)}">{s.name}: {len(s.steps)} steps'
+                          f'{f", last loss {s.loss[-1]:.4f}" if s.loss else ""}'
+                          f'{f", validation {s.val_loss[-1]:.4f} at step {s.val_steps[-1]}" if s.val_steps else ""}'
+                          f'</span>' for s in series)
+        from html import escape
+        fig = figure(series)   # the legend as drawn, listed under the plot (a series missing from it shows)
+        labels = legend_labels(fig)
+        text += (f'<div class="shinkansen-legend" data-series="{escape(" | ".join(labels))}">legend: '
+                 f'{escape(", ".join(labels))}</div>')
+        return fig, text, stamp
 
     refresh.click(lambda names: compat.update(choices=_run_choices(host)), [runs], [runs]).then(
         lambda n: draw(n), [runs], [plot, info, last])

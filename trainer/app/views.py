@@ -29,7 +29,10 @@ def progress_html(p: Progress, paused: bool = False, pending: int = 0) -> str:
     frac = p.step / p.total if p.total else 0.0
     active = p.phase not in ("done", "failed", "stopped", "interrupted")
     stats = (f'<span class="shinkansen-step">step {p.step}/{p.total}</span> · loss {_num(p.loss)} '
-             f"(EMA {_num(p.loss_ema)}) · lr {_num(p.lr, '{:.2e}')} · {p.it_per_s:.2f} it/s · "
+             f"(EMA {_num(p.loss_ema)}) · "
+             + (f'<span class="shinkansen-val" data-val-step="{p.val_step}">validation {_num(p.val_loss)} '
+                f"(step {p.val_step})</span> · " if p.val_loss is not None else "")
+             + f"lr {_num(p.lr, '{:.2e}')} · {p.it_per_s:.2f} it/s · "
              f"ETA {_fmt_time(p.eta_s) if active else '–'} · elapsed {_fmt_time(p.elapsed_s)} · "
              f"peak memory {p.peak_memory_mb:.0f} MB")
     return (f'<div class="shinkansen-progress" data-phase="{escape(p.phase)}" data-step="{p.step}" '

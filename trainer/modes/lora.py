@@ -18,6 +18,7 @@ from ..data.caption_options import CaptionOptions, describe
 from ..data.epochs import EpochPlan, batches_per_epoch, plan_epochs
 from ..data.regularisation import RegImages, load_reg_images
 from ..errors import UserError
+from ..data.holdout import plan_holdout, split
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
 from ..loss_terms import loss_options, perturbed_input_noise
 from .common import background_rgb, new_network, training
@@ -65,6 +66,7 @@ def prepare(s) -> LoraInputs:
                         f"{plan.iterations} steps that train_epochs={plan.epochs} gives")
     for line in (reg.lines() if reg else []) + plan.lines():
         logging.getLogger(__name__).info(line)
+    dataset.holdout = plan_holdout(dataset, dataset.options, s.validation_split, s.validation_directory)
     return LoraInputs(dataset, reg, plan)
 
 
@@ -105,10 +107,28 @@ def run(run, dataset=None) -> None:
         run.message(line)
     run.epoch_steps = plan.steps_per_epoch
     cache_dir = (run.paths.log_dir / "latent_cache") if s.latent_cache_to_disk else None
-    placements = dataset.placements + (reg.placements if reg else [])
-    run.message(f"encoding {len(placements)} images")
+    holdout = getattr(dataset, "holdout", None) or plan_holdout(dataset, dataset.options, s.validation_split,
+                                                                s.validation_directory)
+    val_seed = s.validation_seed if s.validation_seed is not None else run.seed
+    train_placements, val_placements = split(dataset, holdout, val_seed)
+    if len(train_placements) != len(dataset.placements):   # held-out images: the epochs count what is trained
+        plan = plan_epochs(s, batches_per_epoch(
+            [p.bucket for p in train_placements + (reg.placements if reg else [])],
+            [p.repeats for p in train_placements + (reg.placements if reg else [])], s.train_batch_size))
+        if plan.iterations != s.train_iterations:
+            s = run.settings = s.with_overrides(train_iterations=plan.iterations)
+        run.epoch_steps = plan.steps_per_epoch
+        for line in plan.lines():
+            run.message(f"{line} (without the held-out images)")
+    if val_placements:
+        source = s.validation_directory or f"held out of the training images ({s.validation_split:g})"
+        run.message(f"validation: {len(val_placements)} image(s), {source}")
+    placements = train_placements + (reg.placements if reg else [])
+    run.message(f"encoding {len(placements) + len(val_placements)} images")
     samples = encode_dataset(placements, bundle, batch_size=max(1, s.train_batch_size), cache_dir=cache_dir)
-    weights = [1.0] * len(dataset.placements) + [float(s.prior_loss_weight)] * (len(placements) - len(dataset.placements))
+    val_samples = encode_dataset(val_placements, bundle, batch_size=max(1, s.train_batch_size),
+                                 cache_dir=cache_dir) if val_placements else []
+    weights = [1.0] * len(train_placements) + [float(s.prior_loss_weight)] * (len(placements) - len(train_placements))
     captions = CaptionOptions.from_settings(s)
     network = new_network(run, s)
     try:
@@ -120,7 +140,8 @@ def run(run, dataset=None) -> None:
             text_cache = None
         elif not train_te:
             with torch.no_grad():
-                for text in sorted({t for x in samples for t in captions.cacheable_texts(x.caption)}):
+                texts = {t for x in samples for t in captions.cacheable_texts(x.caption)}
+                for text in sorted(texts | {x.caption for x in val_samples}):
                     text_cache[text] = run.encode_prompts([text])
         sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
@@ -147,8 +168,12 @@ def run(run, dataset=None) -> None:
             w = torch.tensor([weights[i] for i in indices]) if reg is not None else None
             return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask, options=options, weights=w)
 
+        validate = None
+        if val_samples:
+            validate = validator(run, s, val_samples, network, text_cache, train_te, val_seed)
+        train_records = list({id(p.record): p.record for p in train_placements}.values())
         run.extra_metadata.update({
-            "ss_num_train_images": sum(r.repeats for r in dataset.records),   # kohya: with repeats
+            "ss_num_train_images": sum(r.repeats for r in train_records),   # kohya: with repeats
             "ss_tag_frequency": dataset.tag_frequency(),
             "ss_dataset_dirs": _dataset_dirs(dataset),
             "ss_resolution": str(tuple(s.image_size)),
@@ -157,8 +182,32 @@ def run(run, dataset=None) -> None:
             "ss_prior_loss_weight": float(s.prior_loss_weight),
             **captions.metadata(), **plan.metadata(),
         })
+        if validate is not None:   # kohya's keys (train_network.py), ours for the folder
+            run.extra_metadata.update({"ss_validation_split": s.validation_split, "ss_validation_seed": val_seed,
+                                       "ss_validate_every_n_steps": s.validate_every_n_steps,
+                                       "ss_num_validation_images": len(val_samples)})
+            if s.validation_directory:
+                run.extra_metadata["shinkansen_validation_directory"] = str(s.validation_directory)
         with training(run, s, train_te):
-            result = run.train(loss_fn, network, s, state=sampler)
+            result = run.train(loss_fn, network, s, state=sampler, validate=validate)
         run.save(network, s, steps=result.steps)
     finally:
         network.remove()
+
+
+def validator(run, s, val_samples, network, text_cache: dict, train_te: bool, seed: int):
+    """The validation loss of ``val_samples``: the training objective at fixed timesteps and noise."""
+    from ..validation import Validator, fixed_timesteps
+    bundle = run.bundle
+    schedule, pred_type = bundle.schedule, bundle.prediction_type
+
+    def objective(x0, noise, t, captions, mask):
+        size = (x0.shape[-2] * 8, x0.shape[-1] * 8)
+        cond = caption_conditioning(run, captions, size, text_cache, train_te)
+        pred = bundle.unet_call(schedule.add_noise(x0, noise, t).to(bundle.dtype), t, cond)
+        return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask if s.image_masked_loss else None,
+                              options=loss_options(s))
+
+    return Validator(val_samples, objective, seed=seed, device=run.device,
+                     timesteps=fixed_timesteps(s.train_min_timesteps, s.train_max_timesteps),
+                     modules=[bundle.unet, *bundle.text_encoders, network])
