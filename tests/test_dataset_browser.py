@@ -54,7 +54,7 @@ def test_dataset_panel_browse_edit_save_reload(browser, tmp_path):  # noqa: F811
         assert histogram(page) == logged_histogram(images, **form) == [("128x64", 1), ("128x128", 4), ("64x128", 2)]
         log_text = page.locator("#shinkansen-dataset-summary pre.shinkansen-dataset-log").inner_text()
         assert log_text.splitlines() == prepare(Settings.from_dict(
-            {"mode": "LoRA", "lora_data_directory": str(images), **form})).report.lines()
+            {"mode": "LoRA", "lora_data_directory": str(images), **form})).lines()   # + the epoch plan
         concepts = page.locator("#shinkansen-dataset-summary table.shinkansen-dataset-concepts tbody tr")
         assert {concepts.nth(i).get_attribute("data-folder"): concepts.nth(i).get_attribute("data-repeats")
                 for i in range(concepts.count())} == {"1_blue": "1", "2_red": "2"}

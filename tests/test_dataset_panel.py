@@ -189,3 +189,26 @@ def test_the_histogram_is_what_a_run_logs(folder, tmp_path):
     assert logged == ov.histogram_lines() and len(logged) == 3
     start = messages.index(ov.log_lines[0])
     assert messages[start:start + len(ov.log_lines)] == ov.log_lines     # every line, in order
+
+
+@pytest.mark.parametrize("length", [{"train_epochs": 3, "gradient_accumulation_steps": 2},
+                                    {"train_iterations": 7}])
+def test_the_panel_shows_the_runs_length_as_training_plans_it(folder, length):
+    """``train_epochs`` or ``train_iterations``: the other is derived and shown before the run, by the same
+    epoch plan ``modes.lora.prepare`` makes (same-bucket batches)."""
+    from trainer.app.dataset_panel import epoch_lines, overview_json, summary_html
+    from trainer.modes.lora import prepare
+    s = Settings.from_dict({**PANEL_SETTINGS, "lora_data_directory": str(folder), "train_batch_size": 3, **length})
+    ov = dataset_overview(folder, options())
+    lines = epoch_lines(ov, s)
+    assert lines == prepare(s).plan.lines()
+    # samples per bucket (repeats counted) 64x128: 3, 128x64: 2, 128x128: 6 at batch 3: 1 + 1 + 2 batches
+    assert lines[-1] == "4 batches per epoch"
+    if "train_epochs" in length:
+        assert lines[0] == "3 epochs x 2 steps = 6 train_iterations (derived from train_epochs)"
+    else:
+        assert lines[0] == "7 train_iterations = 2 epochs of 4 steps (the last one partial)"
+    assert all(line in summary_html(ov, lines) for line in lines)
+    query = {"folder": str(folder), "image_size": "128", "image_buckets_step": "64", "image_min_length": "64",
+             "train_batch_size": "3", **{k: str(v) for k, v in length.items()}}
+    assert overview_json(query)["epochs"] == lines

@@ -28,6 +28,8 @@ from .views import message_html
 DATASET_FIELDS = ("image_size", "image_buckets_step", "image_min_length", "image_max_ratio", "image_num_multiply",
                   "sub_image_num", "image_mirroring", "image_use_filename_as_tag", "image_disable_upscale",
                   "lora_trigger_word", "image_alpha_background", "image_masked_loss")
+# The settings that decide how many steps an epoch is and how long the run is (``data.epochs``).
+EPOCH_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "train_epochs", "train_iterations")
 THUMB = 160
 
 
@@ -49,12 +51,23 @@ def overview_json(params: Mapping[str, str]) -> dict:
     settings = Settings().apply_set_args([f"{k}={v}" for k, v in params.items()])
     options = options_for(settings)
     overview = dataset_overview(folder or settings.lora_data_directory, options)
-    return overview.to_dict(page, per_page, options)
+    return {**overview.to_dict(page, per_page, options), "epochs": epoch_lines(overview, settings)}
+
+
+def epoch_lines(o: Overview, settings: Settings) -> list[str]:
+    """The run's length for this folder with ``settings``, by training's own epoch plan (``prepare`` in
+    ``modes.lora`` makes the same plan and prints the same lines). Regularisation images and a
+    validation split change the count; the run prints the final one."""
+    if not o.samples:
+        return []
+    from ..data.epochs import batches_per_epoch, plan_epochs
+    return plan_epochs(settings, batches_per_epoch([b for b, _ in o.samples], [r for _, r in o.samples],
+                                                   settings.train_batch_size)).lines()
 
 
 # --------------------------------------------------------------------------- HTML (pure)
-def summary_html(o: Overview) -> str:
-    """Repeats per folder, the bucket histogram with bars, and the lines training will log."""
+def summary_html(o: Overview, epochs: Sequence[str] = ()) -> str:
+    """Repeats per folder, the bucket histogram with bars, the run's length, and the lines training will log."""
     concepts = "".join(
         f'<tr data-folder="{escape(c.folder)}" data-repeats="{c.repeats}" data-images="{c.images}" '
         f'data-samples="{c.samples_per_epoch}"><td>{escape(c.folder)}</td><td>{c.repeats}</td><td>{c.images}</td>'
@@ -72,7 +85,7 @@ def summary_html(o: Overview) -> str:
     histogram = ('<table class="shinkansen-dataset-histogram"><thead><tr><th>bucket (H×W)</th>'
                  f"<th>placements</th><th></th></tr></thead><tbody>{bars}</tbody></table>")
     error = f'<div class="shinkansen-error">{escape(o.error)}</div>' if o.error else ""
-    log = escape("\n".join(o.log_lines))
+    log = escape("\n".join([*o.log_lines, *epochs]))
     return (f'<div class="shinkansen-dataset-summary" data-folder="{escape(o.folder)}" data-files="{len(o.files)}">'
             f"{error}<div style='display:flex;gap:2em;flex-wrap:wrap'><div><b>Repeats per folder</b>{concepts_table}"
             f"</div><div style='min-width:18em'><b>Bucket histogram</b>{histogram}</div></div>"
@@ -170,10 +183,10 @@ def build(form) -> None:
         table = gr.HTML(elem_id="shinkansen-dataset-table")
         shown = gr.State({})                 # {"folder": root, "rels": [rel per gallery tile]}
 
-    fields = [form.main[name] for name in ("lora_data_directory",) + DATASET_FIELDS]
+    names = ("lora_data_directory",) + DATASET_FIELDS + EPOCH_FIELDS
+    fields = [form.main[name] for name in names]
 
     def settings_from(values) -> Settings:
-        names = ("lora_data_directory",) + DATASET_FIELDS
         return Settings.from_dict({n: form.from_widget(field(n), v) for n, v in zip(names, values)}, strict=True)
 
     def show(folder_text, number, values, note=""):
@@ -184,7 +197,7 @@ def build(form) -> None:
         rows = o.page(number - 1, PER_PAGE, options.lora_trigger_word, options.image_use_filename_as_tag)
         text = (f"{len(o.files)} image file(s) in {o.folder}; page {number} of {o.pages}"
                 + (f" · {note}" if note else ""))
-        return (message_html(text), summary_html(o), gallery_items(o, rows), rows_html(rows), number,
+        return (message_html(text), summary_html(o, epoch_lines(o, s)), gallery_items(o, rows), rows_html(rows), number,
                 {"folder": o.folder, "rels": [r.rel for r in rows]})
 
     outputs = [msg, summary, gallery, table, page, shown]

@@ -70,6 +70,7 @@ class Overview:
     images: int                               # usable images (what training counts)
     log_lines: list[str]                      # exactly what training prints about this dataset
     error: str = ""                           # training's own refusal when nothing is usable
+    samples: list[tuple[Size, int]] = field(default_factory=list)   # (bucket, repeats) per placement: the epochs
 
     @property
     def pages(self) -> int:
@@ -180,7 +181,8 @@ def _build(root: Path, files: list[Path], options: DatasetOptions) -> Overview:
             " (image_disable_upscale)"
     lines = report.lines() if dataset is not None else [error]
     return Overview(str(root), rels, rows, sorted(concepts.values(), key=lambda c: c.folder),
-                    list(report.bucket_counts.items()), report.samples_per_epoch, report.images, lines, error)
+                    list(report.bucket_counts.items()), report.samples_per_epoch, report.images, lines, error,
+                    [(p.bucket, p.record.repeats) for p in dataset.placements] if dataset is not None else [])
 
 
 _cache: "OrderedDict[tuple, Overview]" = OrderedDict()
