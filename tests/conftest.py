@@ -15,3 +15,13 @@ def _fp32_cpu_defaults():
     """Every test starts from fp32 defaults; tests that need determinism seed themselves."""
     torch.set_default_dtype(torch.float32)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread is fastest and immune to contention.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

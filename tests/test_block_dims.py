@@ -49,12 +49,7 @@ def block_of_slot(slot: int, sdxl: bool) -> str:
     return f"IN{slot:02d}" if slot < 12 else "M00" if slot == 12 else f"OUT{slot - 13:02d}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_model(name: str) -> SimpleNamespace:

@@ -20,12 +20,7 @@ BASE = dict(mode="LoRA", image_size=(64, 64), image_buckets_step=64, image_min_l
             logging_save_csv=False, save_overwrite=True, save_precision="fp32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -59,12 +59,7 @@ CASES = {"sd15": ("sd15", "sd1", False, 512), "sd15_locon": ("sd15", "sd1", True
 KOHYA_RUN = {"sd15": "sd15_lora", "sd15_locon": "sd15_locon", "sdxl": "sdxl_lora", "sdxl_locon": "sdxl_locon"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

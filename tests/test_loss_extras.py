@@ -43,13 +43,7 @@ def _alphas_cumprod() -> np.ndarray:
 AB = _alphas_cumprod()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared machine: one thread is fastest and immune to contention."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,7 @@ def meta_model(name: str) -> SimpleNamespace:
     return SimpleNamespace(unet=unet, text_encoders=tes, family=cfg.family, prediction_type=cfg.prediction_type)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest and immune to a busy machine's thread contention."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
