@@ -120,7 +120,7 @@ def test_bad_arguments_are_one_line_before_any_model(capsys):
 
 def test_tiny_bench_reports_cpu_fp32_figures(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "trainer", "bench", "--cases", "tiny", "--steps", "5", "--warmup", "1",
+    p = subprocess.run([sys.executable, "-m", "trainer", "bench", "--cases", "tiny", "--steps", "4", "--warmup", "1",
                         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads(out.read_text())
@@ -129,8 +129,8 @@ def test_tiny_bench_reports_cpu_fp32_figures(tmp_path):
     for key in ("s_per_step", "steps_per_s", "samples_per_s", "first_step_s", "peak_rss_gib", "flops_per_step",
                 "fraction_of_peak", "step_times", "timed_steps", "label", "tool"):
         assert r.get(key) is not None, key
-    assert r["tool"] == "ours" and r["dtype"] == "float32" and r["steps_seen"] == 5
-    assert r["timed_steps"] == [2, 4] and len(r["step_times"]) == 3
+    assert r["tool"] == "ours" and r["dtype"] == "float32" and r["steps_seen"] == 4
+    assert r["timed_steps"] == [2, 3] and len(r["step_times"]) == 2     # step 4 is the FLOP-counted one
     assert "peak_cuda_gib" not in r and "CUDA" not in p.stdout        # no GPU: no CUDA memory
     assert 0 < r["fraction_of_peak"] <= 1
     assert r["first_step_s"] > r["s_per_step"]                        # start → first step includes loading

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("resize", help="LoRA tools: re-factor a LoRA to a lower rank by SVD (fixed or sv_* rules)")
     sub.add_parser("merge", help="LoRA tools: LoRAs into a checkpoint, or several LoRAs into one")
     sub.add_parser("extract", help="LoRA tools: a LoRA from the difference of two checkpoints")
-    sub.add_parser("bench", help="measure LoRA training speed and memory (tiny and SD1.5 layouts)")
+    sub.add_parser("bench", help="measure LoRA training speed and memory (tiny, SD1.5, SDXL), side by side with kohya")
     sub.add_parser("demo", help="make a toy dataset, train a LoRA on the embedded model, plot and compare")
     from .app.server import add_serve_args
     sv = sub.add_parser("serve", help="serve the tab and the HTTP API (the default with no command)")
