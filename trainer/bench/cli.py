@@ -181,11 +181,10 @@ def run(args) -> int:
                     results.append(r)
                     print(f"{r['s_per_step']:.3f} s/step, first step {r['first_step_s']:.1f} s, "
                           f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    except RuntimeError as e:
+    except RuntimeError as e:       # the work folder stays for its logs
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(work_root, ignore_errors=True)
+    shutil.rmtree(work_root, ignore_errors=True)
 
     rows = ratios(results)
     out = Path(args.json)
