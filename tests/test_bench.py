@@ -109,6 +109,17 @@ def test_kohya_tokenizer_cache_uses_hub_names(tmp_path):
     assert (cache / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k" / "vocab.json").is_file()
 
 
+def test_ratios_are_ours_over_kohya_medians_per_case():
+    from trainer.bench.report import ratio_table, ratios
+    run = lambda tool, s, rss, first: {"label": "sd15", "tool": tool, "steps_per_s": 1 / s, "samples_per_s": 2 / s,
+                                       "peak_rss_gib": rss, "first_step_s": first}
+    (row,) = ratios([run("ours", 2.0, 4.0, 10), run("kohya", 4.0, 5.0, 40), run("ours", 2.0, 4.0, 20),
+                     run("kohya", 4.0, 5.0, 40), {"label": "tiny", "tool": "ours", "steps_per_s": 9}])
+    assert row["steps_per_s"] == row["samples_per_s"] == 2.0 and row["rounds"] == 2
+    assert row["peak_rss_gib"] == 0.8 and row["first_step_s"] == 15 / 40 and row["peak_cuda_gib"] is None
+    assert "2.00×" in ratio_table([row]) and "CUDA" not in ratio_table([row])
+
+
 def test_bad_arguments_are_one_line_before_any_model(capsys):
     assert bench_main(["--cases", "tiny,nope"]) == 2
     assert bench_main(["--cases", "tiny", "--steps", "3", "--warmup", "2"]) == 2

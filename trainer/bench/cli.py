@@ -178,6 +178,7 @@ def run(args) -> int:
                     r = finish(spawn(cmd, case, work / "result.json", work / "log.txt", env, args.timeout),
                                case, tool, peak)
                     r["round"] = rnd
+                    r.setdefault("dtype", str(dtype).replace("torch.", ""))    # kohya: its mixed precision
                     results.append(r)
                     print(f"{r['s_per_step']:.3f} s/step, first step {r['first_step_s']:.1f} s, "
                           f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
