@@ -23,34 +23,43 @@ def tokenizer_folder() -> Path:
     return tok
 
 
-def random_checkpoint(case: str) -> Path:
-    """The cached random-weight checkpoint of ``case`` (sd15 or sdxl); built on the GPU when there is one."""
+def random_state(case: str, device) -> dict:
+    """The full checkpoint state (original SD key names, fp16) of ``case`` with our classes' random init.
+    On the ``meta`` device it costs nothing: the key set can be checked against a real model's."""
     import torch
-    from ..models.checkpoint_io import save_safetensors_atomic
     from ..models.configs import builtin_config
     from ..models.text_encoders import build_text_encoder
     from ..models.unet import UNetModel
     from ..models.vae import AutoencoderKL
-    path = CACHE / f"{case}-random.safetensors"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = builtin_config(FAMILIES[case])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    out = (lambda v: v) if device.type == "meta" else (lambda v: v.cpu())
     torch.manual_seed(0)
     state = {}
-    with torch.device(device):      # SDXL's 2.6 G UNet parameters initialise in seconds on a GPU
+    with device:        # SDXL's 2.6 G UNet parameters initialise in seconds on a GPU
         for prefix, build in (("model.diffusion_model.", lambda: UNetModel(cfg.unet)),
                               ("first_stage_model.", lambda: AutoencoderKL(**cfg.vae.kwargs()))):
             module = build()
-            state.update({prefix + k: v.to(torch.float16).cpu() for k, v in module.state_dict().items()})
+            state.update({prefix + k: out(v.to(torch.float16)) for k, v in module.state_dict().items()})
             del module
         for spec in cfg.text_encoders:
             te = build_text_encoder(spec.role, spec.config)
-            state.update({k: (v.to(torch.float16) if v.is_floating_point() else v).cpu()
+            state.update({k: out(v.to(torch.float16) if v.is_floating_point() else v)
                           for k, v in te.checkpoint_state_dict().items()})
             del te
-    save_safetensors_atomic(state, path)
+        if cfg.family == "sdxl":    # OpenCLIP's logit_scale: real SDXL files carry it (kohya keeps it for saving)
+            state["conditioner.embedders.1.model.logit_scale"] = out(torch.tensor(4.6052, dtype=torch.float16))
+    return state
+
+
+def random_checkpoint(case: str) -> Path:
+    """The cached random-weight checkpoint of ``case`` (sd15 or sdxl); built on the GPU when there is one."""
+    import torch
+    from ..models.checkpoint_io import save_safetensors_atomic
+    path = CACHE / f"{case}-random.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(random_state(case, "cuda" if torch.cuda.is_available() else "cpu"), path)
     return path
 
 
