@@ -122,6 +122,16 @@ def test_kohya_tokenizer_cache_uses_hub_names(tmp_path):
     assert (cache / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k" / "vocab.json").is_file()
 
 
+def test_kohya_environment_puts_its_packages_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    env = kohya.environment(str(tmp_path))
+    assert env["PYTHONPATH"] == str(tmp_path) and env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("SHINKANSEN_KOHYA_PYTHONPATH", str(tmp_path))
+    assert kohya.environment(None)["PYTHONPATH"] == str(tmp_path)
+    with pytest.raises(UserError, match="not a folder"):
+        kohya.environment(str(tmp_path / "missing"))
+
+
 def test_ratios_are_ours_over_kohya_medians_per_case():
     from trainer.bench.report import ratio_table, ratios
     run = lambda tool, s, rss, first: {"label": "sd15", "tool": tool, "steps_per_s": 1 / s, "samples_per_s": 2 / s,
