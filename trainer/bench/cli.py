@@ -122,6 +122,7 @@ def main(argv: Optional[list] = None) -> int:
 
 def run(args) -> int:
     import torch
+    from ..atomic import atomic_path
     from ..engine import resolve_precision
     from . import fixtures, kohya
     from .peak import matmul_peak_flops
@@ -151,7 +152,15 @@ def run(args) -> int:
     peak = matmul_peak_flops(device, dtype)
     print(f"matmul peak on {device.type} in {str(dtype).replace('torch.', '')}: {peak / 1e9:.1f} GFLOP/s", flush=True)
 
-    results = []
+    results: list[dict] = []
+    out = Path(args.json)
+
+    def save() -> None:     # after every run, so a run cut short keeps what was measured
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps({"device": device.type, "dtype": str(dtype).replace("torch.", ""),
+                                       "matmul_peak_flops": peak, "load": _load(), "runs": results,
+                                       "ratios": ratios(results)}, indent=2))
+
     work_root = Path(tempfile.mkdtemp(prefix="shinkansen-bench-"))
     try:
         for case in cases:
@@ -180,6 +189,7 @@ def run(args) -> int:
                     r["round"] = rnd
                     r.setdefault("dtype", str(dtype).replace("torch.", ""))    # kohya: its mixed precision
                     results.append(r)
+                    save()
                     print(f"{r['s_per_step']:.3f} s/step, first step {r['first_step_s']:.1f} s, "
                           f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     except RuntimeError as e:       # the work folder stays for its logs
@@ -188,13 +198,7 @@ def run(args) -> int:
     shutil.rmtree(work_root, ignore_errors=True)
 
     rows = ratios(results)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from ..atomic import atomic_path
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps({"device": device.type, "dtype": str(dtype).replace("torch.", ""),
-                                   "matmul_peak_flops": peak, "load": _load(), "runs": results, "ratios": rows},
-                                  indent=2))
+    save()
     print()
     print(table(results))
     if rows:
