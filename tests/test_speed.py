@@ -84,18 +84,20 @@ def _train(tmp_path, dataset, probe=None, **kw):
     return losses, tensors, seen, bundle
 
 
-# Weights within a tenth of one AdamW step (lr 1e-3): a LoRA's down factors get near-zero gradients
-# while up = 0, where Adam's m / sqrt(v) turns rounding-level differences into update-sized ones.
-TOL = 1e-4
+# The losses agree to 1e-5 (fused) / 1e-4 (channels-last) relative at every step; the weights within half
+# of one AdamW step (lr 1e-3): factors with near-zero gradients (down while up = 0, time_emb_proj) are where
+# Adam's m / sqrt(v) turns rounding-level gradient differences into update-sized ones.
+TOL = 5e-4
 
 
 def _assert_close(a, b, rtol, atol):
     (la, ta), (lb, tb) = a, b
     assert len(la) == len(lb) == BASE["train_iterations"]
-    assert la == pytest.approx(lb, rel=rtol, abs=atol)
+    assert la == pytest.approx(lb, rel=rtol, abs=1e-6)
     assert set(ta) == set(tb)
     for k in ta:
-        torch.testing.assert_close(ta[k].float(), tb[k].float(), rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(ta[k].float(), tb[k].float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
