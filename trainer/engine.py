@@ -32,6 +32,7 @@ from .loss_terms import loss_metadata
 from .errors import UserError
 from .events import CsvLogger, EventBus, RunEvent, StepEvent, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, is_schedule_free
+from .speed import optimizer_extra
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,8 @@ class Run:
         groups = network.trainable_parameters(unet_lr=s.train_learning_rate, te_lr=te_lr or s.train_learning_rate)
         if not groups:
             raise UserError("network_blocks: the network has no trainable parameters")
-        optimizer = build_optimizer(s.train_optimizer, groups, s.train_learning_rate, dict(s.train_optimizer_settings))
+        optimizer = build_optimizer(s.train_optimizer, groups, s.train_learning_rate, optimizer_extra(
+            s.train_optimizer, dict(s.train_optimizer_settings), self.device, s.train_fused_optimizer))
         scheduler = build_scheduler(optimizer, s.train_lr_scheduler, s.train_iterations, s.train_lr_warmup_steps,
                                     s.train_lr_scheduler_num_cycles, s.train_lr_scheduler_power,
                                     s.train_lr_step_rules, dict(s.train_lr_scheduler_settings))

@@ -853,6 +853,15 @@ FIELDS: tuple[Field, ...] = (
        "learning rates, sample images) to logs/DATE/NAME-TIME/tensorboard (pip install tensorboard).",
        choices=("none", "tensorboard"), refused={"wandb": "Weights & Biases logging is not supported; use "
                                                            "tensorboard", "all": "use tensorboard"}),
+    # ---- speed (issue 17; trainer/speed.py): opt-in fast paths, each tested equal to the plain path
+    _f("train_fused_optimizer", "bool", False, "Update all LoRA weights in one fused optimizer step (AdamW, "
+       "SGD; multi-tensor where fused is unavailable) instead of one small step per tensor: same result, less "
+       "overhead. Ignored when train_optimizer_settings sets fused or foreach.", second_pass=True),
+    _f("train_channels_last", "bool", False, "Run the UNet's convolutions in channels-last memory layout "
+       "(faster on recent GPUs; same result).", second_pass=True),
+    _f("train_compile", "bool", False, "Compile the UNet's blocks, LoRA included, with torch.compile: the first "
+       "steps are slow (compiling), later ones faster on a GPU; needs a C++ compiler on CPU, Triton on CUDA.",
+       second_pass=True),
     # ---- ADDifT / Multi-ADDifT
     _f("diff_multiplier", "float", 0.25, "LoRA weight used while training the difference (the slider is "
        "trained at +/- this value).", modes=(_A, _M), gt=0, le=4),

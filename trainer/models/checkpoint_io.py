@@ -91,12 +91,18 @@ def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {k: TensorInfo(v["dtype"], v["shape"]) for k, v in header.items()}, meta
 
 
-def load_safetensors(path: PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as copy-on-write views of one mmap (no read, no copy)."""
+def load_safetensors(path: PathLike, keys: Iterable[str] | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as copy-on-write views of one mmap (no read, no copy).
+
+    With ``dtype``, floating tensors stored in another dtype are read one by one into a small buffer
+    and converted: a touched mmap page stays resident until the whole mapping is released, so
+    upcasting from views would hold the file *and* the converted copy (the load-time RSS peak)."""
     path = Path(path)
     n, header = _header(path)
     header.pop("__metadata__", None)
     wanted = set(keys) if keys is not None else None
+    convert = dtype
     out: dict[str, torch.Tensor] = {}
     if path.stat().st_size == 8 + n:
         return out
@@ -118,10 +124,23 @@ def load_safetensors(path: PathLike, keys: Iterable[str] | None = None) -> dict[
         if end == start:
             out[key] = torch.empty(shape, dtype=dtype)
             continue
+        if convert is not None and dtype.is_floating_point and dtype != convert:
+            out[key] = _read_converted(path, base + start, end - start, dtype, shape, convert)
+            continue
         itemsize = torch.empty((), dtype=dtype).element_size()
         flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // itemsize, offset=base + start)
         out[key] = flat.reshape(shape)
     return out
+
+
+def _read_converted(path: Path, offset: int, length: int, stored: torch.dtype, shape, dtype: torch.dtype):
+    """One tensor read from the file (not the mapping) and converted to ``dtype``."""
+    buf = bytearray(length)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != length:
+            raise CheckpointError(f"{path}: truncated while reading a tensor")
+    return torch.frombuffer(buf, dtype=stored).reshape(shape).to(dtype)
 
 
 def load_pickle_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
@@ -153,13 +172,15 @@ def load_pickle_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Any supported checkpoint file into a ``{key: tensor}`` dict (views where possible)."""
+def load_state_dict(path: PathLike, keys: Iterable[str] | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Any supported checkpoint file into a ``{key: tensor}`` dict (views where possible); ``keys`` and
+    ``dtype`` (see :func:`load_safetensors`) apply to safetensors files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if path.suffix.lower() == ".safetensors":
-        return load_safetensors(path)
+        return load_safetensors(path, keys, dtype)
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         return load_pickle_checkpoint(path)
     raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r} "

@@ -119,7 +119,10 @@ def load_model(path: str | Path, *, vae: Optional[str | Path] = None, prediction
     config = read_config(path, prediction_type, shapes)
     tok = load_tokenizer(config, tokenizer)   # before the heavy part: a missing tokenizer fails fast
 
-    state = load_state_dict(path)
+    # Only the keys a module takes, upcast tensor by tensor while reading (see load_safetensors): the
+    # fp16 file and its fp32 copy are never resident together.
+    prefixes = (UNET_PREFIX, *([] if vae is not None else [VAE_PREFIX]), *(t.prefix for t in config.text_encoders))
+    state = load_state_dict(path, keys=[k for k in shapes if k.startswith(prefixes)], dtype=dtype)
     with torch.device("meta"):
         unet = UNetModel(config.unet)
         vae_model = AutoencoderKL(**config.vae.kwargs())

@@ -195,7 +195,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        # contiguous, as ldm and kohya do: a channels-last view here makes every following 3x3 conv run
+        # channels-last against contiguous weights, and PyTorch then copies the weight on each call
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

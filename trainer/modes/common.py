@@ -12,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import UserError
 from ..networks import NetworkSpec, create_network, resume_network
 from ..networks.blocks import parse_values
+from ..speed import fast_paths
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 
@@ -66,7 +67,8 @@ def training(run, s, train_te: bool) -> Iterator[None]:
         te.set_gradient_checkpointing(s.use_gradient_checkpointing and train_te)
         te.train(train_te)
     try:
-        yield
+        with fast_paths(bundle.unet, s.train_channels_last, s.train_compile):
+            yield
     finally:
         bundle.unet.set_gradient_checkpointing(False)
         for te in bundle.text_encoders:
