@@ -36,8 +36,8 @@ KEPT = ("triangle",)
 
 # The one recipe for every move, shipped as presets/iLECO_TinySD.json (README, "iLECO beyond red → blue"):
 # target_guidance aims past the target so the move survives CFG 5; timesteps 500-999 because the input is
-# pure noise; preserve_unconditional keeps CFG's reference point; cross-attention only at lr 2e-3 (the tiny
-# model's scale; the full-size presets' lr 5e-4 on all layers barely moves it in 300 steps).
+# pure noise; preserve_unconditional keeps CFG's reference point; cross-attention only at lr 2e-3 (issue 20
+# measured 0/8 with the full-size preset's lr 5e-4 on all layers).
 MOVE_RECIPE = dict(mode="iLECO", network_rank=4, network_alpha=8, network_element="CrossAttention",
                    train_learning_rate=2e-3, train_iterations=300, train_batch_size=2, train_snr_gamma=5,
                    target_guidance=1.0, preserve_unconditional=True, train_min_timesteps=500)
