@@ -128,3 +128,34 @@ def slider_check(bundle, lora, base: BaseStats, prompts: Sequence[str], up: floa
             if c < base.colour[p] - keep_within:
                 failures.append(f"weight {w}: {p!r} colour accuracy {c:.2f} vs base {base.colour[p]:.2f}")
     return failures, figures
+
+
+def background_brightness(js) -> float:
+    """Mean luminance (0–255) of the judged backgrounds: the second attribute the sliders are proven on."""
+    return float(np.mean([0.299 * j.background_rgb[0] + 0.587 * j.background_rgb[1] + 0.114 * j.background_rgb[2]
+                          for j in js]))
+
+
+def brightness_slider_check(bundle, lora, base_brightness: float, prompts: Sequence[str], direction: int,
+                            min_change: float = 40.0, min_spearman: float = 0.9):
+    """A background-brightness slider: brightness follows ``direction`` × weight monotonically (Spearman
+    ≥ ``min_spearman`` over WEIGHTS) and moves by ≥ ``min_change`` luminance units at ±1, both ways."""
+    failures, values = [], []
+    for w in WEIGHTS:
+        if w == 0:
+            values.append(base_brightness)
+            continue
+        with lora_at(bundle, lora, w):
+            results = judged_many(bundle, prompts)
+        values.append(float(np.mean([background_brightness(results[p]) for p in prompts])))
+    rho = round(spearman([direction * w for w in WEIGHTS], values), 9)
+    up, down = direction * (values[-1] - values[2]), direction * (values[2] - values[0])
+    figures = {"weights": list(WEIGHTS), "brightness": [round(v, 1) for v in values], "spearman": round(rho, 3),
+               "change_plus1": round(values[-1] - values[2], 1), "change_minus1": round(values[0] - values[2], 1)}
+    if rho < min_spearman:
+        failures.append(f"Spearman(weight, brightness) {rho:.2f} < {min_spearman}")
+    if up < min_change:
+        failures.append(f"at {'+' if direction > 0 else '-'}1 the background moves {up:.0f} < {min_change}")
+    if down < min_change:
+        failures.append(f"at {'-' if direction > 0 else '+'}1 the background moves {down:.0f} < {min_change}")
+    return failures, figures
