@@ -47,8 +47,8 @@ def _train(tmp, job: dict, n: int, *args, env=None, timeout=240, popen=False):
         else [sys.executable]
     cmd = [*head, "-m", "trainer", "train", str(path), "--lora-dir", str(tmp / "out"), "--log-dir",
            str(tmp / "logs"), "--json-dir", str(tmp / "json"), *map(str, args)]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(**(env or {})), stdout=subprocess.PIPE,
+    if popen:   # output to a file: nothing blocks on a full pipe
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(**(env or {})), stdout=open(tmp / "out.log", "w"),
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=ROOT, env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
@@ -98,3 +98,86 @@ def test_two_ranks_of_batch_b_train_the_lora_of_one_rank_of_batch_2b(tmp_path, d
     # rank 0 alone writes: one LoRA, one CSV with one row per step
     csvs = list((tmp_path / "logs").glob("*/two-*.csv"))
     assert len(csvs) == 1 and len(csvs[0].read_text().splitlines()) == 1 + 3
+
+
+# ----------------------------------------------------------------------------- must show 2: stop together
+def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun's worker ``rank`` (a child of ``parent`` whose environment has RANK=rank)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                    continue
+                if f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    return int(d.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+def _wait_for_rows(proc, logs: Path, rows: int, timeout: float = 120) -> None:
+    """Until rank 0's loss CSV has ``rows`` steps (it is flushed per step)."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        csvs = list(logs.glob("*/*.csv"))
+        if csvs and len(csvs[0].read_text().splitlines()) > rows:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {rows} (exit {proc.poll()})")
+
+
+def test_stop_on_one_rank_stops_every_rank_with_the_weights_saved(tmp_path, dataset):
+    """Ctrl-C (Stop & Save) delivered to rank 1 only: both ranks leave at the same step within seconds,
+    rank 0 saves the LoRA and the training state (with both ranks' generators)."""
+    job = {**BASE, "lora_data_directory": str(dataset), "save_lora_name": "stopped", "train_iterations": 400,
+           "save_state": True}
+    proc = _train(tmp_path, job, 2, popen=True)
+    try:
+        rank1 = _rank_pid(proc.pid, 1)
+        _wait_for_rows(proc, tmp_path / "logs", 3)
+        os.kill(rank1, signal.SIGINT)
+        t0 = time.time()
+        proc.wait(timeout=60)
+        took = time.time() - t0
+        out = (tmp_path / "out.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 10, f"ranks took {took:.1f}s to stop"
+    assert "stopped:" in out and "Traceback" not in out.split("stopped:")[0]
+    tensors, meta = _lora(tmp_path, "stopped")
+    steps = int(meta["ss_steps"])
+    assert 3 <= steps < 400
+    state = torch.load(tmp_path / "logs" / "states" / "stopped.state.pt", weights_only=True)
+    assert state["step"] == steps and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+
+
+def test_nan_on_one_rank_ends_every_rank_with_the_last_good_weights(tmp_path, dataset):
+    job = {**BASE, "lora_data_directory": str(dataset), "save_lora_name": "nan", "train_iterations": 6}
+    t0 = time.time()
+    run = _train(tmp_path, job, 2, env={"SHINKANSEN_TEST_FAULT": "nan:1:3"}, timeout=120)
+    assert run.returncode != 0
+    error = _error(run.stdout + run.stderr)
+    assert error.startswith("error: loss became nan at step 3 on rank 1 of 2; the last good weights (step 2)"), \
+        error
+    assert _lora(tmp_path, "nan_nan_at_2")[1]["ss_steps"] == "2"
+    assert not (tmp_path / "out" / "nan.safetensors").exists()
+    assert time.time() - t0 < 90
+
+
+@pytest.mark.parametrize("fault", ["error", "exit"])
+def test_a_crashed_rank_fails_the_job_with_its_message_without_a_hang(tmp_path, dataset, fault):
+    """``error``: an exception on rank 1 (e.g. out of memory) reaches every rank as one line naming it;
+    ``exit``: rank 1 dies outright (killed), and torchrun ends the job instead of rank 0 waiting forever."""
+    job = {**BASE, "lora_data_directory": str(dataset), "save_lora_name": f"crash-{fault}", "train_iterations": 40}
+    t0 = time.time()
+    run = _train(tmp_path, job, 2, env={"SHINKANSEN_TEST_FAULT": f"{fault}:1:2"}, timeout=120)
+    assert run.returncode != 0 and time.time() - t0 < 90
+    if fault == "error":
+        assert _error(run.stdout + run.stderr) == \
+            "error: rank 1 of 2 failed at step 2: RuntimeError: injected test fault on rank 1"
+    assert not (tmp_path / "out" / f"crash-{fault}.safetensors").exists()
