@@ -181,3 +181,55 @@ def test_a_crashed_rank_fails_the_job_with_its_message_without_a_hang(tmp_path, 
         assert _error(run.stdout + run.stderr) == \
             "error: rank 1 of 2 failed at step 2: RuntimeError: injected test fault on rank 1"
     assert not (tmp_path / "out" / f"crash-{fault}.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- must show 3: resume under 2 ranks
+def test_a_two_rank_run_resumed_from_its_state_equals_the_uninterrupted_one(tmp_path, dataset):
+    """The interrupted run dies on rank 1 at step 3 (its state from step 2 is what is left), resumes with
+    2 ranks and ends bit-identical to the run that was never interrupted; resuming with 1 process is a
+    one-line error before any model work."""
+    job = {**BASE, "lora_data_directory": str(dataset), "train_iterations": 4, "train_seed": 11}
+    full = _train(tmp_path, {**job, "save_lora_name": "full"}, 2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = {**job, "save_lora_name": "part", "save_every_n_steps": 2, "save_state": True}
+    cut = _train(tmp_path, part, 2, env={"SHINKANSEN_TEST_FAULT": "error:1:3"})
+    assert cut.returncode != 0 and "failed at step 3" in _error(cut.stdout + cut.stderr)
+    state = tmp_path / "logs" / "states" / "part.state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2
+    wrong = _train(tmp_path, part, 1, "--set", f"train_resume_state={state}", timeout=120)
+    assert wrong.returncode == 2 and _error(wrong.stderr) == \
+        f"error: train_resume_state: {state} was saved by 2 process(es); resume it with 2 " \
+        "(processes / torchrun --nproc_per_node)"
+    resumed = _train(tmp_path, part, 2, "--set", f"train_resume_state={state}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _lora(tmp_path, "full")[0], _lora(tmp_path, "part")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "logs").glob("*/part-*.csv")
+    assert [len(p.read_text().splitlines()) - 1 for p in rows] == [4]   # one loss CSV, continued
+
+
+# ----------------------------------------------------------------------------- must show 4: the app's queue
+def test_a_queued_job_with_processes_2_runs_from_the_api_with_live_progress(tmp_path, dataset):
+    srv = AppServer(make_root(tmp_path / "ext")).start()
+    try:
+        job = tiny_job(dataset, "api-dp", steps=30, processes=2, save_overwrite=True)
+        status, added = srv.request("POST", "/jobs", job)
+        assert status == 201, added
+        seen = []
+
+        def progress():
+            p = srv.request("GET", "/status")[1]["progress"]
+            if p["job_id"] == added["id"] and p["step"]:
+                seen.append((p["step"], p["total"], p["loss"] is not None))
+            return [j for j in srv.request("GET", "/jobs")[1] if j["id"] == added["id"]][0]["state"] \
+                not in ("pending", "running")
+
+        srv.wait(progress, timeout=240, what="the 2-process job", poll=0.2)
+        done = [j for j in srv.request("GET", "/jobs")[1] if j["id"] == added["id"]][0]
+        assert done["state"] == "done", done
+        assert len({s for s, _, _ in seen}) >= 2 and all(t == 30 and has_loss for _, t, has_loss in seen), seen
+        saved = done["result"]["saved"]
+        assert len(saved) == 1 and load_lora(saved[0])[1]["shinkansen_world_size"] == "2"
+        assert done["result"]["csv"] and Path(done["result"]["csv"]).is_file()
+    finally:
+        srv.stop()
