@@ -209,27 +209,36 @@ def test_a_two_rank_run_resumed_from_its_state_equals_the_uninterrupted_one(tmp_
 
 
 # ----------------------------------------------------------------------------- must show 4: the app's queue
-def test_a_queued_job_with_processes_2_runs_from_the_api_with_live_progress(tmp_path, dataset):
+def test_a_queued_job_with_processes_2_runs_from_the_api_with_live_progress_and_stop(tmp_path, dataset):
+    """The job runs on 2 torchrun processes; /status shows its steps as they happen, and Stop & Save from
+    the API ends both ranks within seconds with the weights saved, as for a single process."""
     srv = AppServer(make_root(tmp_path / "ext")).start()
     try:
-        job = tiny_job(dataset, "api-dp", steps=30, processes=2, save_overwrite=True)
-        status, added = srv.request("POST", "/jobs", job)
+        status, added = srv.request("POST", "/jobs", tiny_job(dataset, "api-dp", steps=300, processes=2))
         assert status == 201, added
         seen = []
 
-        def progress():
+        def job() -> dict:
+            return [j for j in srv.request("GET", "/jobs")[1] if j["id"] == added["id"]][0]
+
+        def steps() -> bool:
             p = srv.request("GET", "/status")[1]["progress"]
             if p["job_id"] == added["id"] and p["step"]:
                 seen.append((p["step"], p["total"], p["loss"] is not None))
-            return [j for j in srv.request("GET", "/jobs")[1] if j["id"] == added["id"]][0]["state"] \
-                not in ("pending", "running")
+            assert job()["state"] in ("pending", "running"), job()
+            return len({s for s, _, _ in seen}) >= 3
 
-        srv.wait(progress, timeout=240, what="the 2-process job", poll=0.2)
-        done = [j for j in srv.request("GET", "/jobs")[1] if j["id"] == added["id"]][0]
-        assert done["state"] == "done", done
-        assert len({s for s, _, _ in seen}) >= 2 and all(t == 30 and has_loss for _, t, has_loss in seen), seen
+        srv.wait(steps, timeout=240, what="live steps of the 2-process job", poll=0.2)
+        assert all(total == 300 and has_loss for _, total, has_loss in seen), seen
+        t0 = time.time()
+        assert srv.request("POST", "/stop", {"save": True})[1]["stopped"] == added["id"]
+        srv.wait(lambda: job()["state"] not in ("pending", "running"), timeout=60, what="the stop")
+        took, done = time.time() - t0, job()
+        assert done["state"] == "stopped" and took < 15, (done, took)
         saved = done["result"]["saved"]
-        assert len(saved) == 1 and load_lora(saved[0])[1]["shinkansen_world_size"] == "2"
+        assert len(saved) == 1
+        meta = load_lora(saved[0])[1]
+        assert meta["shinkansen_world_size"] == "2" and 3 <= int(meta["ss_steps"]) < 300
         assert done["result"]["csv"] and Path(done["result"]["csv"]).is_file()
     finally:
         srv.stop()
