@@ -136,17 +136,22 @@ def test_stop_on_one_rank_stops_every_rank_with_the_weights_saved(tmp_path, data
     job = {**BASE, "lora_data_directory": str(dataset), "save_lora_name": "stopped", "train_iterations": 400,
            "save_state": True}
     proc = _train(tmp_path, job, 2, popen=True)
+    workers = []
     try:
-        rank1 = _rank_pid(proc.pid, 1)
+        workers = [_rank_pid(proc.pid, r) for r in (0, 1)]
+        rank1 = workers[1]
         _wait_for_rows(proc, tmp_path / "logs", 3)
         os.kill(rank1, signal.SIGINT)
         t0 = time.time()
         proc.wait(timeout=60)
         took = time.time() - t0
         out = (tmp_path / "out.log").read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    finally:   # torchrun starts its workers in sessions of their own: end each
+        for pid in ([proc.pid] if proc.poll() is None else []) + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert took < 10, f"ranks took {took:.1f}s to stop"
     assert "stopped:" in out and "Traceback" not in out.split("stopped:")[0]
     tensors, meta = _lora(tmp_path, "stopped")
