@@ -143,6 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    if under_torchrun():   # torchrun passes Ctrl-C on to its workers as SIGTERM: Stop & Save there too
+        signal.signal(signal.SIGTERM, on_interrupt)
     try:
         result = run_job(settings, lora_dir=Path(args.lora_dir) if args.lora_dir else None, device=args.device,
                          stop=stop, events=events, log_dir=args.log_dir, json_dir=args.json_dir)
