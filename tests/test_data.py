@@ -337,11 +337,21 @@ def test_sampler_drop_last_and_ranks():
     buckets, repeats = _fake_samples()
     full = BucketBatchSampler(buckets, 2, seed=1, repeats=repeats, drop_last=True)
     assert all(len(b) == 2 for b in full.epoch_batches(0))
-    ranks = [BucketBatchSampler(buckets, 2, seed=1, repeats=repeats, rank=r, world_size=2) for r in range(2)]
-    whole = BucketBatchSampler(buckets, 2, seed=1, repeats=repeats).epoch_batches(0)
-    parts = [s.epoch_batches(0) for s in ranks]
-    assert len(parts[0]) == len(parts[1]) == (len(whole) + 1) // 2
-    assert {tuple(b) for b in whole} == {tuple(b) for p in parts for b in p}
+    # 2 ranks x batch 2: the global batches of batch 4, each rank its slice (trainer/dist.py); together
+    # they are one process's batches of 4, every sample once per epoch; a bucket's short last batch is split
+    # as evenly as it goes, the shares weighting each rank's loss so the average is the batch mean
+    from trainer.dist import Dist
+    whole = BucketBatchSampler(buckets, 4, seed=1, repeats=repeats).epoch_batches(0)
+    ranks = [Dist(r, 2) for r in range(2)]
+    for batch in whole:
+        parts = [batch[d.shard(len(batch))] for d in ranks]
+        weights = [d.take_weight() for d in ranks]
+        if len(batch) > 1:
+            assert parts[0] + parts[1] == batch and abs(len(parts[0]) - len(parts[1])) <= 1
+            assert weights == [2 * len(p) / len(batch) for p in parts]
+        else:   # one sample for two ranks: rank 1 joins the all-reduce at weight 0
+            assert parts == [batch, batch] and weights == [2.0, 0.0]
+    assert sorted(i for b in whole for i in b) == sorted(i for i, r in enumerate(repeats) for _ in range(r))
 
 
 def test_collate_stacks_one_bucket(tmp_path):

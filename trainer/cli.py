@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="checkpoint; default: the job's model_checkpoint, else the embedded model")
     tr.add_argument("--lora-dir", help="where LoRA files go (default ./output)")
     tr.add_argument("--device", default=None)
+    tr.add_argument("--log-dir", help="loss CSVs, samples and training states (default ./logs)")
+    tr.add_argument("--json-dir", help="run settings files when save_as_json (default ./json)")
 
     t = sub.add_parser("toy", help="write a dataset of the procedural shapes world (see --help)", add_help=False)
     t.add_argument("toy_args", nargs=argparse.REMAINDER)
@@ -122,9 +124,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = settings.apply_set_args(args.set)
     if args.model:
         settings = settings.with_overrides(model_checkpoint=args.model)
+    from .dist import under_torchrun
+    if settings.processes > 1 and not under_torchrun():   # N local processes: torchrun runs this command N times
+        from .launch import relaunch
+        return relaunch(path, settings.processes, args)
     import signal
     from .engine import StopRequest
+    from .events import ConsoleProgress
+    from .launch import worker_hooks
     stop = StopRequest()
+    events, closers = worker_hooks(stop, [ConsoleProgress()])   # the app's torchrun launch reports via files
 
     def on_interrupt(signum, frame):   # first Ctrl-C: Stop & Save; a second one aborts
         if stop.mode is None:
@@ -134,11 +143,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    if under_torchrun():   # torchrun passes Ctrl-C on to its workers as SIGTERM: Stop & Save there too
+        signal.signal(signal.SIGTERM, on_interrupt)
     try:
         result = run_job(settings, lora_dir=Path(args.lora_dir) if args.lora_dir else None, device=args.device,
-                         stop=stop)
+                         stop=stop, events=events, log_dir=args.log_dir, json_dir=args.json_dir)
     finally:
         signal.signal(signal.SIGINT, previous)
+        for closer in closers:
+            closer.close()
     for p in result.saved:
         print(f"saved: {p}")
     return 0 if result.status == "done" else 3

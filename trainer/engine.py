@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .atomic import atomic_path
+from .dist import Dist
 from . import __version__
 from .ema import ema_metadata, make_ema
 from .loss_terms import loss_metadata
@@ -177,6 +178,7 @@ class Run:
         self._pass_t0 = time.perf_counter()
         # The one place prompts become conditioning; the WebUI adapter swaps in the WebUI's prompt parser.
         self.prompt_encoder: Callable[..., dict] = bundle.encode_prompts
+        self.dist = Dist()                                  # the runner joins torchrun's group (trainer/dist.py)
 
     def _resolve_seed(self) -> int:
         """The resumed run's seed is the state's; otherwise ``train_seed``, or a random one for -1."""
@@ -211,7 +213,7 @@ class Run:
 
     def open_csv(self, with_te_lr: bool, with_val: bool = False) -> None:
         """A new loss CSV for a new run; a resumed run continues the CSV its state names (one series)."""
-        if not self.settings.logging_save_csv or self.csv is not None:
+        if not self.settings.logging_save_csv or self.csv is not None or not self.dist.is_main:
             return
         resumed = Path(self.resume_state["csv"]) if (self.resume_state or {}).get("csv") else None
         if resumed is not None and resumed.is_file():
@@ -233,7 +235,7 @@ class Run:
     def open_tensorboard(self, start_step: int = 0) -> None:
         """``log_with tensorboard``: event files in ``logs/DATE/NAME-TIME/tensorboard`` (the CSV's name without
         ``.csv``; a resumed run continues its folder, dropping what was logged after its state)."""
-        if self.settings.log_with != "tensorboard" or self.tensorboard is not None:
+        if self.settings.log_with != "tensorboard" or self.tensorboard is not None or not self.dist.is_main:
             return
         from .tblog import TensorBoardLogger
         stem = self.csv_path.with_suffix("") if self.csv_path is not None else \
@@ -263,6 +265,10 @@ class Run:
             "ss_multires_noise_discount": settings.multires_noise_discount,
             "ss_batch_size_per_device": settings.train_batch_size,
             "ss_gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            # kohya's effective batch (per-device batch × processes × accumulation); ours for the world size
+            "ss_total_batch_size": settings.train_batch_size * self.dist.world_size
+            * max(1, settings.gradient_accumulation_steps),
+            "shinkansen_world_size": self.dist.world_size,
             "ss_max_grad_norm": settings.gradient_clip_norm,
             "ss_mixed_precision": str(self.precision("train_model_precision", settings)).replace("torch.", ""),
             "ss_full_fp16": False,
@@ -295,6 +301,8 @@ class Run:
         from .networks import lora_file_bytes, write_file_atomic
         settings = settings or self.settings
         path = self.output_path(name, step_suffix)
+        if not self.dist.is_main:   # rank 0 alone writes
+            return path
         dtype = resolve_precision(settings.save_precision, self.device) if settings.save_precision != "model" \
             else self.bundle.dtype
         data = lora_file_bytes(network, self.metadata(settings, network, steps, extra), dtype=dtype,
@@ -352,6 +360,8 @@ class Run:
         scaler = torch.amp.GradScaler("cuda") if autocast is not None and model_dtype == torch.float16 else None
 
         start_step, loss_ema, elapsed = 0, None, 0.0
+        dist = self.dist
+        dist.seed_rank(self.seed)
         resume_path = Path(s.train_resume_state) if s.train_resume_state else None
         if resume_path is not None:
             start_step, loss_ema, elapsed = self._load_state(resume_path, network, optimizer, scheduler, state,
@@ -369,20 +379,45 @@ class Run:
         step = start_step
         self.events.emit(RunEvent("start", f"training {phase or s.mode}: {total} steps", data={"phase": phase}))
         while step < total:
-            if self.stop.mode is not None:
+            stop_mode = dist.agree_stop(self.stop.mode)   # every rank stops at the same step
+            if stop_mode is not None:
+                if stop_mode != self.stop.mode:
+                    self.stop.request(stop_mode)
                 return self._stop(network, s, step, optimizer, scheduler, state, phase, loss_ema)
-            loss_value = 0.0
+            loss_value, code, bad, error = 0.0, 0, None, None
             for micro in range(accum):
-                if autocast is not None:
-                    with autocast:
+                try:
+                    if autocast is not None:
+                        with autocast:
+                            loss = loss_fn(step)
+                    else:
                         loss = loss_fn(step)
-                else:
-                    loss = loss_fn(step)
-                if not torch.isfinite(loss.detach()):
-                    self._nan(network, s, step, optimizer, loss)
-                loss_value += float(loss.detach()) / accum
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                    weight = dist.take_weight()         # this rank's share of the global batch (1 alone)
+                    if dist.active and micro == 0:
+                        loss = self._inject_fault(step + 1, loss)
+                    if not torch.isfinite(loss.detach()):
+                        if not dist.active:
+                            self._nan(network, s, step, optimizer, loss)
+                        code, bad = 1, loss
+                        break
+                    if dist.active:
+                        loss_value += float(loss.detach()) * weight / dist.world_size / accum
+                        scaled = loss * (weight / accum)
+                    else:
+                        loss_value += float(loss.detach()) / accum
+                        scaled = loss / accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                except Exception as e:
+                    if not dist.active:
+                        raise
+                    log.exception("rank %d failed at step %d", dist.rank, step + 1)
+                    code, error = 2, e
+                    break
+            if dist.active:
+                codes, loss_value = dist.agree_step(code, loss_value)
+                if any(codes):
+                    self._rank_failed(codes, bad, error, network, s, step, optimizer)
+                dist.all_reduce_grads(params)
             if scaler:
                 scaler.unscale_(optimizer)
             if s.gradient_clip_norm and s.gradient_clip_norm > 0:
@@ -408,7 +443,7 @@ class Run:
             lr_te = lrs[names.index("text_encoder")] if "text_encoder" in names else None
             lr_unet = lrs[names.index("unet")] if "unet" in names else lrs[0]
             val_loss = None
-            if validate is not None and (step == total or (s.validate_every_n_steps
+            if validate is not None and dist.is_main and (step == total or (s.validate_every_n_steps
                                                             and step % s.validate_every_n_steps == 0)):
                 val_loss = self._validate(validate, optimizer, step, phase, autocast)
             self.events.emit(StepEvent(step, total, loss_value, loss_ema, lr_unet, lr_te, rate,
@@ -453,7 +488,7 @@ class Run:
         """Preview images of ``sample_prompts`` with the network at weight 1 (fixed seeds: comparable over steps)."""
         from .generate import generate
         prompts = [p for p in self.settings.sample_prompts if p.strip()]
-        if not prompts:
+        if not prompts or not self.dist.is_main:
             return []
         folder = self.paths.log_dir / "samples" / f"{self.settings.save_lora_name}-{self.stamp}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -515,7 +550,31 @@ class Run:
             self._save_state(network, s, step, optimizer, scheduler, state, phase, loss_ema)
         raise Stopped()
 
-    def _nan(self, network, s, step, optimizer, loss) -> None:
+    def _inject_fault(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Test-only faults on one rank (``SHINKANSEN_TEST_FAULT``, see trainer/dist.py)."""
+        fault = self.dist.fault(step)
+        if fault == "nan":
+            return loss * float("nan")
+        if fault == "error":
+            raise RuntimeError(f"injected test fault on rank {self.dist.rank}")
+        if fault == "exit":
+            os._exit(17)
+        return loss
+
+    def _rank_failed(self, codes: list, bad, error, network, s, step, optimizer) -> None:
+        """A NaN loss or an exception on some rank: every rank ends here, with the same one-line message."""
+        mine = f"{type(error).__name__}: {_first_line(error)}" if error is not None else \
+            (str(float(bad.detach())) if bad is not None else None)
+        messages = self.dist.gather(mine)
+        if 2 in codes:
+            optimizer.zero_grad(set_to_none=True)
+            r = codes.index(2)
+            raise TrainingError(f"rank {r} of {len(codes)} failed at step {step + 1}: {messages[r]}")
+        r = codes.index(1)
+        loss = torch.tensor(float(messages[r]))
+        self._nan(network, s, step, optimizer, loss, where=f" on rank {r} of {len(codes)}")
+
+    def _nan(self, network, s, step, optimizer, loss, where: str = "") -> None:
         """The weights are still those of the last good step: save them, then stop with a clear message."""
         optimizer.zero_grad(set_to_none=True)
         path = self.output_path(f"{s.save_lora_name}_nan_at_{step}")
@@ -523,7 +582,7 @@ class Run:
         if step > 0:
             self._swap_eval(optimizer, lambda: self.save(network, s, steps=step, name=path.stem))
             saved = f"; the last good weights (step {step}) are in {path}"
-        raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}{saved}. "
+        raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}{where}{saved}. "
                             "Lower train_learning_rate or use fp32 (train_model_precision)")
 
     # ------------------------------------------------------------------ resumable state
@@ -532,6 +591,9 @@ class Run:
         return self.paths.log_dir / "states" / f"{self.settings.save_lora_name}{suffix}.state.pt"
 
     def _save_state(self, network, s, step, optimizer, scheduler, state, phase, loss_ema) -> Path:
+        rng_ranks = self.dist.gather(self._rng_states()) if self.dist.active else None   # every rank joins
+        if not self.dist.is_main:
+            return self.state_path(phase)
         data = {"version": 1, "phase": phase, "step": step, "loss_ema": loss_ema, "seed": self.seed,
                 "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -543,6 +605,8 @@ class Run:
                 "csv": str(self.csv_path) if self.csv is not None else None,
                 "csv_rows": self.csv.rows if self.csv is not None else None,
                 "done_phases": list(self.done_phases), "elapsed_s": time.perf_counter() - self._pass_t0}
+        if rng_ranks is not None:   # the ranks' own generators; the rest is the same on every rank
+            data.update(world_size=self.dist.world_size, rng_ranks=rng_ranks)
         from .networks import write_file_atomic
         path, buffer = self.state_path(phase), io.BytesIO()
         torch.save(data, buffer)
@@ -576,7 +640,7 @@ class Run:
         except (RuntimeError, ValueError, KeyError) as e:   # another rank, dataset, batch size, optimizer …
             raise UserError(f"train_resume_state: {path} was saved by a run with other settings "
                             f"({_first_line(e)}); resume with that run's settings") from None
-        self._set_rng_states(data["rng"])
+        self._set_rng_states(data["rng_ranks"][self.dist.rank] if data.get("rng_ranks") else data["rng"])
         self.message(f"resumed from {path} at step {data['step']}")
         return int(data["step"]), data.get("loss_ema"), float(data.get("elapsed_s") or 0.0)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .dist import Dist, check_mode
 from .engine import (ROOT, Run, RunPaths, StopRequest, Stopped, TrainingError, read_training_state,
                      resolve_precision)
 from .errors import UserError
@@ -99,6 +100,7 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
     events = events or EventBus([ConsoleProgress()])
     settings.validate_for_run(check_files=True)
+    check_mode(settings.mode)
     check_output(settings, lora_dir)
     for advice in settings.advice():
         log.warning(advice)
@@ -109,11 +111,31 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
     mode = mode_module(settings.mode)
     prepared = mode.prepare(settings)           # model-free input checks (folders, images, pairs)
     resume_state = read_training_state(settings.train_resume_state) if settings.train_resume_state else None
+    dist = Dist.from_env(device if bundle is None else bundle.device)   # torchrun's group; alone: no-op
+    try:
+        return _run(settings, mode, prepared, resume_state, dist, lora_dir, bundle, model_info, events, stop,
+                    log_dir, json_dir, device, prompt_encoder, t0)
+    finally:
+        dist.close()
+
+
+def _run(settings, mode, prepared, resume_state, dist, lora_dir, bundle, model_info, events, stop, log_dir,
+         json_dir, device, prompt_encoder, t0) -> JobResult:
+    saved_world = int((resume_state or {}).get("world_size") or 1)
+    if resume_state is not None and saved_world != dist.world_size:
+        raise UserError(f"train_resume_state: {settings.train_resume_state} was saved by {saved_world} "
+                        f"process(es); resume it with {saved_world} (processes / torchrun --nproc_per_node)")
+    if not dist.is_main:   # rank 0 alone reports (console, UI, CSV)
+        events = EventBus()
     if bundle is None:
+        device = dist.device(device)
         bundle, model_info = load_bundle(settings, device, log_fn=lambda m: events.emit(RunEvent("message", m)))
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(lora_dir, Path(log_dir or ROOT / "logs"), Path(json_dir or ROOT / "json"))
     run = Run(settings, bundle, paths, events, stop, model_info, resume_state=resume_state)
+    run.dist = dist
+    if dist.active and settings.train_seed < 0 and resume_state is None:   # one random seed for every rank
+        run.seed = int(dist.gather(run.seed)[0])
     if prompt_encoder is not None:
         run.prompt_encoder = prompt_encoder
     status = "done"
@@ -127,7 +149,7 @@ def run_job(settings: Settings, *, lora_dir: Optional[Path] = None, bundle=None,
         if run.tensorboard is not None:
             run.tensorboard.close()
     json_path = None
-    if settings.save_as_json:
+    if settings.save_as_json and dist.is_main:
         try:
             json_path = write_run_json(settings, run, paths.json_dir)
         except OSError as e:   # the LoRA is written; the run's settings are in its metadata too

@@ -808,6 +808,9 @@ FIELDS: tuple[Field, ...] = (
        "effective batch without more memory).", second_pass=True, ge=1),
     _f("gradient_clip_norm", "float", 0.0, "Clip the gradient norm to this value (1.0 is common); 0 is off.",
        second_pass=True, ge=0),
+    _f("processes", "int", 1, "Train on this many local processes (one per GPU) through torchrun, data-parallel: "
+       "each takes train_batch_size samples, so a step sees processes x train_batch_size (LoRA, iLECO).",
+       modes=(_L, _I), ge=1, le=64),
     _f("train_model_precision", "choice", "auto", "Precision of the frozen model: auto = fp32 on CPU, bf16 on "
        "GPUs that support it, else fp16; model = as stored.", choices=(*PRECISIONS, "model"), second_pass=True,
        traintrain="train_model_precision", choice_map=_PREC_MAP, refused=_INT8),

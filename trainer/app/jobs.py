@@ -515,12 +515,19 @@ class JobQueue:
         bus = EventBus([ConsoleProgress(), self.progress])
         try:
             settings = Settings.from_dict(job.settings)
-            with host.job_context(settings):
-                got = host.bundle_for(settings, log=lambda m: bus.emit(RunEvent("message", m)))
-                bundle, info = got if got is not None else (None, None)
-                encoder = host.prompt_encoder(bundle) if bundle is not None else None
-                res = run_job(settings, lora_dir=Path(host.lora_dir), bundle=bundle, model_info=info, events=bus,
-                              stop=stop, log_dir=host.logs_dir, json_dir=host.json_dir, prompt_encoder=encoder)
+            if settings.processes > 1:   # N local processes through torchrun, reporting back (trainer/launch.py)
+                from ..launch import run_processes
+                res = run_processes(settings, settings.processes, lora_dir=Path(host.lora_dir),
+                                    log_dir=Path(host.logs_dir), json_dir=Path(host.json_dir),
+                                    work=Path(host.logs_dir) / "processes" / f"job{job.id}", events=bus, stop=stop)
+            else:
+                with host.job_context(settings):
+                    got = host.bundle_for(settings, log=lambda m: bus.emit(RunEvent("message", m)))
+                    bundle, info = got if got is not None else (None, None)
+                    encoder = host.prompt_encoder(bundle) if bundle is not None else None
+                    res = run_job(settings, lora_dir=Path(host.lora_dir), bundle=bundle, model_info=info,
+                                  events=bus, stop=stop, log_dir=host.logs_dir, json_dir=host.json_dir,
+                                  prompt_encoder=encoder)
             state = res.status
             names = ", ".join(Path(p).name for p in res.saved) or "no file"
             message = f"{state} in {res.seconds:.0f}s: {names}"

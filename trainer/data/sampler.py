@@ -11,9 +11,9 @@ restored sampler continues with the very batch the interrupted run would have dr
 batch only gives its samples more weight in that one step (the loss is a batch mean).
 ``drop_last=True`` drops those partial batches instead (some samples skip an epoch).
 
-For data-parallel runs (``world_size > 1``) the epoch's batch list is padded by wrapping
-around to a multiple of ``world_size`` and rank ``r`` takes batches ``r, r+W, ...``, so all
-ranks run the same number of steps.
+Data-parallel runs use this sampler unchanged: every rank draws the global batch (the
+per-rank batch × the world size) and trains its slice of it (``trainer.dist.Dist.shard``), so
+W ranks × batch b see the batches one process with batch W·b sees, each sample once per epoch.
 """
 from __future__ import annotations
 
@@ -34,18 +34,14 @@ class BucketBatchSampler:
     """Infinite iterator of index batches; ``len()`` is the number of batches per epoch."""
 
     def __init__(self, buckets: Sequence[Size], batch_size: int, seed: int,
-                 repeats: Optional[Sequence[int]] = None, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 repeats: Optional[Sequence[int]] = None, drop_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.buckets = [tuple(b) for b in buckets]
         self.repeats = [max(1, int(r)) for r in repeats] if repeats is not None else [1] * len(self.buckets)
         if len(self.repeats) != len(self.buckets):
             raise ValueError("repeats and buckets differ in length")
         self.batch_size, self.seed, self.drop_last = int(batch_size), int(seed), bool(drop_last)
-        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = 0, 0
         self._cached: tuple[int, list[list[int]]] | None = None
         if not self.epoch_batches(0):
@@ -57,7 +53,7 @@ class BucketBatchSampler:
         return cls([s.bucket for s in samples], batch_size, seed, [s.repeats for s in samples], **kw)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch`` (indices into the sample list)."""
+        """The batches of ``epoch`` (indices into the sample list)."""
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
@@ -73,10 +69,6 @@ class BucketBatchSampler:
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-        if self.world_size > 1 and batches:
-            pad = -len(batches) % self.world_size
-            batches = batches + [batches[j % len(batches)] for j in range(pad)]
-            batches = batches[self.rank::self.world_size]
         self._cached = (epoch, batches)
         return batches
 

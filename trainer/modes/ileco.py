@@ -48,7 +48,8 @@ def run(run, prepared=None) -> None:
     try:
         gen = run.register_generator("noise", run.generator(1))
         b = s.train_batch_size
-        shape = (b, bundle.config.unet.in_channels, h // 8, w // 8)
+        # every rank draws the global batch (batch × processes) and trains its slice (trainer/dist.py)
+        shape = (b * run.dist.world_size, bundle.config.unet.in_channels, h // 8, w // 8)
         with torch.no_grad():
             kept = ([""] if s.preserve_unconditional else []) + list(s.preserve_prompts)
             keep = [run.encode_prompts([p], size=(h, w)) for p in kept]
@@ -58,8 +59,10 @@ def run(run, prepared=None) -> None:
 
         def loss_fn(step: int) -> torch.Tensor:
             z = torch.randn(shape, generator=gen).to(run.device, bundle.dtype)
-            t = sample_timesteps(b, s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
+            t = sample_timesteps(shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
+            part = run.dist.shard(shape[0])
+            z, t = z[part], t[part]
             c_in, c_out = co, ct
             if keep:   # the preserved prompt is its own target: same input in both halves of the batch
                 cp = keep[step % len(keep)]

@@ -19,6 +19,7 @@ from ..data.epochs import EpochPlan, batches_per_epoch, plan_epochs
 from ..data.regularisation import RegImages, load_reg_images
 from ..errors import UserError
 from ..data.holdout import plan_holdout, split
+from ..dist import global_batch
 from ..diffusion import denoising_loss, make_noise, sample_timesteps
 from ..loss_terms import loss_options, perturbed_input_noise
 from .common import background_rgb, new_network, training
@@ -60,7 +61,7 @@ def prepare(s) -> LoraInputs:
                               sum(r.repeats for r in dataset.records))
     placements = dataset.placements + (reg.placements if reg else [])
     plan = plan_epochs(s, batches_per_epoch([p.bucket for p in placements], [p.repeats for p in placements],
-                                            s.train_batch_size))
+                                            global_batch(s.train_batch_size)))
     if plan.by_epochs and s.train_lr_warmup_steps >= plan.iterations:
         raise UserError(f"train_lr_warmup_steps: {s.train_lr_warmup_steps} must be below the "
                         f"{plan.iterations} steps that train_epochs={plan.epochs} gives")
@@ -114,7 +115,8 @@ def run(run, dataset=None) -> None:
     if len(train_placements) != len(dataset.placements):   # held-out images: the epochs count what is trained
         plan = plan_epochs(s, batches_per_epoch(
             [p.bucket for p in train_placements + (reg.placements if reg else [])],
-            [p.repeats for p in train_placements + (reg.placements if reg else [])], s.train_batch_size))
+            [p.repeats for p in train_placements + (reg.placements if reg else [])],
+            global_batch(s.train_batch_size)))
         if plan.iterations != s.train_iterations:
             s = run.settings = s.with_overrides(train_iterations=plan.iterations)
         run.epoch_steps = plan.steps_per_epoch
@@ -143,7 +145,8 @@ def run(run, dataset=None) -> None:
                 texts = {t for x in samples for t in captions.cacheable_texts(x.caption)}
                 for text in sorted(texts | {x.caption for x in val_samples}):
                     text_cache[text] = run.encode_prompts([text])
-        sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size, run.seed)
+        # every rank draws the global batch (batch × processes) and trains its slice (trainer/dist.py)
+        sampler = BucketBatchSampler.from_samples(samples, s.train_batch_size * run.dist.world_size, run.seed)
         gen = run.register_generator("noise", run.generator(1))
         caption_gen = run.register_generator("captions", run.generator(2))
         schedule, pred_type = bundle.schedule, bundle.prediction_type
@@ -161,10 +164,15 @@ def run(run, dataset=None) -> None:
                                offset_random=s.noise_offset_random_strength)
             t = sample_timesteps(x0.shape[0], s.train_min_timesteps, s.train_max_timesteps, gen, run.device,
                                  s.train_fixed_timesteps_in_batch)
-            cond = caption_conditioning(run, texts, size, text_cache, train_te)
             noise_in = perturbed_input_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength, gen)
-            pred = bundle.unet_call(schedule.add_noise(x0, noise_in, t).to(bundle.dtype), t, cond)
             mask = batch["mask"].to(run.device) if (s.image_masked_loss and batch["mask"] is not None) else None
+            part = run.dist.shard(len(indices))   # this rank's slice (the whole batch in one process)
+            if run.dist.active:
+                x0, noise, noise_in, t, texts, indices = x0[part], noise[part], noise_in[part], t[part], \
+                    texts[part], indices[part]
+                mask = mask[part] if mask is not None else None
+            cond = caption_conditioning(run, texts, size, text_cache, train_te)
+            pred = bundle.unet_call(schedule.add_noise(x0, noise_in, t).to(bundle.dtype), t, cond)
             w = torch.tensor([weights[i] for i in indices]) if reg is not None else None
             return denoising_loss(pred, x0, noise, t, schedule, pred_type, mask=mask, options=options, weights=w)
 
