@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (README's command runs two workers) every worker and every process a test starts
+    computes on one thread: two workers × two OpenMP threads on two cores spin against each other, and one
+    run of the tiny model then took 40× longer. Tiny tensors gain little from a second thread anyway."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

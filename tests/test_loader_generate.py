@@ -35,10 +35,15 @@ def test_round_trip_gives_same_outputs(tiny_files):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     c0, c1 = bundle.encode_prompts(["a red circle", ""]), loaded.encode_prompts(["a red circle", ""])
     assert torch.equal(c0["context"], c1["context"])
+    for a, b in ((bundle.unet, loaded.unet), (bundle.vae, loaded.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # Same weights, but the loaded ones are views into the file's mapping at 8-byte offsets: on one thread
+    # the CPU kernels then take another vector path and the last bit of a few outputs differs.
     with torch.no_grad():
-        assert torch.equal(bundle.unet_call(x, t, c0), loaded.unet_call(x, t, c1))
+        torch.testing.assert_close(bundle.unet_call(x, t, c0), loaded.unet_call(x, t, c1), rtol=1e-5, atol=1e-6)
         z = torch.randn(1, 4, 8, 8)
-        assert torch.equal(bundle.decode_latents(z), loaded.decode_latents(z))
+        torch.testing.assert_close(bundle.decode_latents(z), loaded.decode_latents(z), rtol=1e-5, atol=1e-6)
 
 
 def test_weights_are_views_of_one_mapping(tiny_files):

@@ -6,7 +6,7 @@ variant (must fail), so a check that cannot fail is caught here rather than by a
 - iLECO erase  ↔ flipped sign (the LoRA trained at multiplier −1);  and target computed with the LoRA on;
 - Difference   ↔ copier left out of pass 2;  and flipped sign (images swapped);
 - ADDifT       ↔ noise not shared between the pair;  and flipped sign;
-- Multi-ADDifT ↔ flipped sign (the broken variants run as ``slow`` tests).
+- Multi-ADDifT ↔ flipped sign.
 The figures are printed (``pytest -s``) and quoted in the issue notes.
 """
 from __future__ import annotations
@@ -296,7 +296,6 @@ MUTANTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_check_fails_on_broken_variant(name, tmp_path, bundle, base, pair):
     check, mutant = MUTANTS[name]
