@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_configure(config):
     """Under pytest-xdist (README's command runs two workers) every worker and every process a test starts
-    computes on one thread: two workers × two OpenMP threads on two cores spin against each other, and one
-    run of the tiny model then took 40× longer. Tiny tensors gain little from a second thread anyway."""
+    computes on one thread: two workers × two OpenMP threads on two cores spin against each other, and a
+    run of the tiny model then took about 10× longer. Tiny tensors gain little from a second thread anyway."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = "1"
