@@ -64,7 +64,9 @@ def _max_diff(a, b):
 
 
 def _error(proc_output: str) -> str:
-    lines = [ln for ln in proc_output.splitlines() if ln.startswith("error: ")]
+    # Every rank prints the agreed message, and torchrun merges the workers' streams: two ranks' lines can land
+    # on one line ("…rank 1error: rank 1…"), so split there (a known cosmetic defect: only rank 0 should print).
+    lines = [ln for ln in proc_output.replace("error: ", "\nerror: ").splitlines() if ln.startswith("error: ")]
     return lines[0] if lines else proc_output[-3000:]
 
 
